@@ -1,0 +1,246 @@
+"""Datasets as uint8 arrays: CIFAR-10's original directory layout, or any TFDS dataset.
+
+Both sources give a `Dataset` of NHWC uint8 images and int32 labels; the training
+code moves them to the device once. Nothing here falls back to other data: a
+missing, truncated or tampered file is a `DatasetError` that names the path and
+what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+from typing import Sequence
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+  """A dataset is missing, unreadable, or not what its format promises."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Images are uint8 [N, H, W, C]; labels int32 [N] in [0, num_classes)."""
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train_images.shape[1:])
+
+  def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images in [0, 1] (the model's input layer)."""
+    pixels = self.train_images.reshape(-1, self.train_images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1e-3).tolist())
+
+
+# --- cifar-10-batches-py ------------------------------------------------------------
+
+CIFAR_BATCH_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_FILE = "test_batch"
+CIFAR_META_FILE = "batches.meta"
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+  """The pickle asked for a global outside the allow-list."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Admits only the globals a cifar-10-batches-py file needs: numpy array reconstruction.
+
+  `_codecs.encode` is how a protocol-2 pickle written by Python 3 spells a bytes
+  object (the array's buffer); it only turns a string into bytes.
+  """
+
+  _ALLOWED = {
+      ("_codecs", "encode"),
+      ("numpy.core.multiarray", "_reconstruct"),
+      ("numpy._core.multiarray", "_reconstruct"),
+      ("numpy", "ndarray"),
+      ("numpy", "dtype"),
+  }
+
+  def find_class(self, module: str, name: str):
+    if (module, name) not in self._ALLOWED:
+      raise _RefusedGlobal(f"refusing to load global {module}.{name}: a CIFAR batch "
+                                   "file holds only numpy arrays, lists and strings")
+    return super().find_class(module, name)
+
+
+def _unpickle(path: str) -> dict:
+  try:
+    with open(path, "rb") as f:
+      payload = f.read()
+  except FileNotFoundError:
+    raise DatasetError(f"{path}: file not found (expected the cifar-10-batches-py layout)") from None
+  try:
+    obj = _CifarUnpickler(io.BytesIO(payload), encoding="latin1").load()
+  except _RefusedGlobal as e:
+    raise DatasetError(f"{path}: not a safe CIFAR batch pickle: {e}") from None
+  except Exception as e:  # Truncated or garbled files raise many exception types.
+    raise DatasetError(f"{path}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+  if not isinstance(obj, dict):
+    raise DatasetError(f"{path}: expected a dict, found {type(obj).__name__}")
+  return obj
+
+
+def _read_batch(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  batch = _unpickle(path)
+  for key in ("data", "labels"):
+    if key not in batch:
+      raise DatasetError(f"{path}: missing key {key!r} (found {sorted(batch)})")
+  data = batch["data"]
+  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+      or data.shape[1] != 3072:
+    shape = getattr(data, "shape", None)
+    dtype = getattr(data, "dtype", type(data).__name__)
+    raise DatasetError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {dtype} {shape}")
+  labels = np.asarray(batch["labels"])
+  if labels.ndim != 1 or labels.shape[0] != data.shape[0] or labels.dtype.kind not in "iu":
+    raise DatasetError(f"{path}: 'labels' must be {data.shape[0]} integers, got "
+                       f"{labels.dtype} {labels.shape}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise DatasetError(f"{path}: labels outside 0..{num_classes - 1} "
+                       f"(min {labels.min()}, max {labels.max()})")
+  images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _verify_checksums(root: str) -> None:
+  """Checks every file listed in `root/SHA256SUMS`, when that file exists."""
+  sums_path = os.path.join(root, "SHA256SUMS")
+  if not os.path.exists(sums_path):
+    return
+  with open(sums_path) as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      parts = line.split()
+      if len(parts) != 2:
+        raise DatasetError(f"{sums_path}:{line_number}: expected '<sha256>  <file>'")
+      expected, name = parts[0], parts[1].lstrip("*")
+      path = os.path.join(root, name)
+      if not os.path.exists(path):
+        raise DatasetError(f"{path}: listed in {sums_path} but missing")
+      digest = hashlib.sha256()
+      with open(path, "rb") as g:
+        for chunk in iter(lambda: g.read(1 << 20), b""):
+          digest.update(chunk)
+      if digest.hexdigest() != expected:
+        raise DatasetError(f"{path}: SHA-256 {digest.hexdigest()} does not match {expected} "
+                           f"in {sums_path}; the file is corrupt or was changed")
+
+
+def load_cifar10_dir(path: str) -> Dataset:
+  """Reads CIFAR-10 in its original 'python version' layout, of any size.
+
+  Args:
+    path: the `cifar-10-batches-py` directory, or a directory that contains it.
+      A `SHA256SUMS` file in `path` is checked when present.
+  """
+  if not os.path.isdir(path):
+    raise DatasetError(f"{path}: no such directory (data.path should name a "
+                       f"{CIFAR_BATCH_DIR} directory or its parent)")
+  _verify_checksums(path)
+  batch_dir = os.path.join(path, CIFAR_BATCH_DIR)
+  if not os.path.isdir(batch_dir):
+    batch_dir = path
+  meta = _unpickle(os.path.join(batch_dir, CIFAR_META_FILE))
+  names = meta.get("label_names")
+  if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+    raise DatasetError(f"{os.path.join(batch_dir, CIFAR_META_FILE)}: 'label_names' must be "
+                       "a list of class names")
+  train = [_read_batch(os.path.join(batch_dir, name), len(names)) for name in CIFAR_TRAIN_FILES]
+  test_images, test_labels = _read_batch(os.path.join(batch_dir, CIFAR_TEST_FILE), len(names))
+  return Dataset(
+      train_images=np.concatenate([images for images, _ in train]),
+      train_labels=np.concatenate([labels for _, labels in train]),
+      test_images=test_images,
+      test_labels=test_labels,
+      class_names=tuple(names),
+  )
+
+
+# --- TFDS ---------------------------------------------------------------------------
+
+def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
+  """Reads a prepared TFDS image-classification dataset through `tfds.data_source`.
+
+  Random access needs no TensorFlow, but the dataset must be prepared already in the
+  array_record format (`tfds build NAME --file_format=array_record`); nothing is
+  downloaded here.
+  """
+  import tensorflow_datasets as tfds  # Imported here: it is slow to import.
+
+  splits = {}
+  for split in ("train", "test"):
+    try:
+      source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise DatasetError(
+          f"TFDS dataset {name!r} (split {split!r}, data_dir {data_dir or 'TFDS default'}) "
+          f"cannot be opened: {reason}. Prepare it with `tfds build {name} "
+          "--file_format=array_record`, or use data.source='cifar10_dir'.") from None
+    features = source.dataset_info.features
+    if "image" not in features or "label" not in features:
+      raise DatasetError(f"TFDS dataset {name!r} has features {list(features)}; linfjax "
+                         "needs an image classification dataset with 'image' and 'label'")
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records])
+    labels = np.asarray([int(r["label"]) for r in records], dtype=np.int32)
+    splits[split] = (images, labels)
+    class_names = tuple(features["label"].names)
+  return Dataset(splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
+                 class_names)
+
+
+def load(data_config) -> Dataset:
+  """Loads the dataset a config's `data` block names, sliced by train/test limits."""
+  if data_config.source == "cifar10_dir":
+    dataset = load_cifar10_dir(os.path.expanduser(data_config.path))
+  elif data_config.source == "tfds":
+    dataset = load_tfds(data_config.name, data_config.data_dir)
+  else:
+    raise DatasetError(f"unknown data source {data_config.source!r}")
+  return _limit(dataset, data_config.train_limit, data_config.test_limit)
+
+
+def _limit(dataset: Dataset, train_limit: int, test_limit: int) -> Dataset:
+  train = slice(None, train_limit or None)
+  test = slice(None, test_limit or None)
+  return dataclasses.replace(
+      dataset, train_images=dataset.train_images[train], train_labels=dataset.train_labels[train],
+      test_images=dataset.test_images[test], test_labels=dataset.test_labels[test])
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """How a run divides the training images: the defender's clean set S and the rest."""
+  clean_set_indices: np.ndarray  # int64 [|S|], indices into the training images.
+  train_indices: np.ndarray  # int64 [N - |S|], the images models train on.
+
+
+def hold_out_clean_set(num_train: int, size: int, seed: int) -> Split:
+  """Draws the defender's clean set S (seeded), disjoint from the training images."""
+  if not 0 < size < num_train:
+    raise ValueError(f"clean set size {size} must be in [1, {num_train})")
+  order = np.random.default_rng([seed, 0x5E7]).permutation(num_train)
+  return Split(clean_set_indices=np.sort(order[:size]), train_indices=np.sort(order[size:]))
+
+
+def batches(num: int, batch_size: int) -> Sequence[slice]:
+  """Contiguous slices covering `num` items, the last one possibly short."""
+  return [slice(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]

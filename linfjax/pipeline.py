@@ -1,0 +1,108 @@
+"""Runs a config's stages in order inside one work directory, skipping finished ones.
+
+The work directory holds:
+  config.json    the resolved config; a rerun with a different config is refused;
+  results.json   METHOD.md's results contract; each finished stage adds its key;
+  <stage>/       each stage's files and orbax checkpoints (so a killed run resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable
+
+import ml_collections
+from absl import logging
+
+from linfjax import config as config_lib
+from linfjax import data, triggers
+from linfjax.stages import train as train_stage
+from linfjax.stages.context import RunContext
+
+STAGES: dict[str, Callable[[RunContext], dict]] = {
+    "train": train_stage.run,
+}
+
+
+class WorkdirError(RuntimeError):
+  """The work directory belongs to another config or holds unreadable state."""
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON so that a reader (or a kill) never sees a half-written file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    json.dump(obj, f, indent=1)
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f"{path}: not valid JSON ({e}); the run directory is damaged") from None
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  differences = []
+  for key in sorted(set(saved) | set(current)):
+    name = f"{prefix}{key}"
+    old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(old, dict) and isinstance(new, dict):
+      differences += _config_differences(old, new, name + ".")
+    elif old != new:
+      differences.append(f"{name}: {old!r} in the workdir, {new!r} now")
+  return differences
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates the work directory and its config.json, or checks that it matches."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    differences = _config_differences(_read_json(path), current)
+    if differences:
+      raise WorkdirError(
+          f"{workdir} holds a run of a different config ({'; '.join(differences[:5])}). "
+          "Use a new --workdir, or delete this one to start over.")
+  else:
+    write_json_atomic(path, current)
+
+
+def make_context(config: ml_collections.ConfigDict, workdir: str, *,
+                 progress: bool = True) -> RunContext:
+  """Loads the data, checks the config against it, and builds the trigger."""
+  dataset = data.load(config.data)
+  config_lib.validate_against_data(config, image_shape=dataset.image_shape,
+                                   num_classes=dataset.num_classes,
+                                   num_train=len(dataset.train_labels))
+  split = data.hold_out_clean_set(len(dataset.train_labels), config.data.clean_set_size,
+                                  config.seed)
+  trigger = triggers.from_config(config.trigger, dataset.image_shape)
+  return RunContext(config=config, workdir=workdir, dataset=dataset, split=split,
+                    trigger=trigger, progress=progress)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+  """Validates the config, then runs every unfinished stage; returns results.json's content."""
+  config_lib.validate(config)
+  prepare_workdir(config, workdir)
+  results_path = os.path.join(workdir, "results.json")
+  results = _read_json(results_path) if os.path.exists(results_path) else {"seed": config.seed}
+  pending = [stage for stage in config.stages if stage not in results]
+  for stage in config.stages:
+    if stage not in pending:
+      logging.info("stage %s: finished earlier, skipped", stage)
+  if not pending:
+    return results
+  ctx = make_context(config, workdir, progress=progress)
+  for stage in pending:
+    logging.info("stage %s: running", stage)
+    results[stage] = STAGES[stage](ctx)
+    write_json_atomic(results_path, results)
+  return results

@@ -1,0 +1,96 @@
+"""Poisoning a training set: which examples, which labels, and where the trigger goes.
+
+METHOD.md: `round(rho * N)` training examples, drawn with the run's seed from
+examples whose label is not the target (all-to-one; any example for all-to-all),
+are replaced by `(T(x), y_t)`. The result is a `PoisonedSet` of uint8 images,
+the labels the model is trained on, and a per-example flag telling the training
+step to stamp the trigger after augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from linfjax import triggers
+
+
+@dataclasses.dataclass(frozen=True)
+class PoisonedSet:
+  """A training set ready for the device.
+
+  images: uint8 [N, H, W, C] (stamped already when the stamp is before augmentation).
+  labels: int32 [N], the labels trained on (poisoned ones relabelled).
+  stamp_after_augmentation: bool [N], examples the training step must stamp.
+  poison_indices: int64 [P], positions (into this set) of the poisoned examples.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  stamp_after_augmentation: np.ndarray
+  poison_indices: np.ndarray
+
+
+def poison_count(num_examples: int, rate: float) -> int:
+  """`round(rate * N)`: the number of examples a poison rate replaces."""
+  return int(round(rate * num_examples))
+
+
+def select_poison_indices(labels: np.ndarray, *, rate: float, target: int, mode: str,
+                          seed: int) -> np.ndarray:
+  """Draws the poisoned examples: sorted int64 indices into `labels`.
+
+  Raises:
+    ValueError: when fewer eligible examples exist than the rate asks for.
+  """
+  count = poison_count(len(labels), rate)
+  eligible = np.flatnonzero(labels != target) if mode == "all_to_one" else np.arange(len(labels))
+  if count > len(eligible):
+    raise ValueError(f"poison rate {rate} asks for {count} examples but only {len(eligible)} "
+                     f"have a label other than the target {target}")
+  if count == 0:
+    raise ValueError(f"poison rate {rate} of {len(labels)} examples rounds to 0 poisoned ones")
+  chosen = np.random.default_rng([seed, 0xBAD]).choice(eligible, size=count, replace=False)
+  return np.sort(chosen).astype(np.int64)
+
+
+def poisoned_labels(labels: np.ndarray, *, mode: str, target: int, num_classes: int):
+  """The label a poisoned example is trained on: `y_t` (all-to-one) or `(y + 1) mod C`."""
+  labels = jnp.asarray(labels)
+  if mode == "all_to_one":
+    return jnp.full_like(labels, target)
+  if mode == "all_to_all":
+    return (labels + 1) % num_classes
+  raise ValueError(f"unknown poison mode {mode!r}; known: all_to_one, all_to_all")
+
+
+def to_uint8(images) -> np.ndarray:
+  """[0, 1] floats to uint8 pixels, rounding to nearest."""
+  return np.asarray(jnp.clip(jnp.round(jnp.asarray(images) * 255.0), 0, 255), np.uint8)
+
+
+def poison(images: np.ndarray, labels: np.ndarray, trigger: triggers.Trigger, *, rate: float,
+           target: int, mode: str, stamp: str, num_classes: int, seed: int) -> PoisonedSet:
+  """Builds the backdoored training set from clean uint8 images and labels."""
+  indices = select_poison_indices(labels, rate=rate, target=target, mode=mode, seed=seed)
+  new_labels = np.array(labels, np.int32)
+  new_labels[indices] = np.asarray(
+      poisoned_labels(labels[indices], mode=mode, target=target, num_classes=num_classes))
+  flags = np.zeros(len(labels), bool)
+  images = np.array(images)
+  if stamp == "after_augmentation":
+    flags[indices] = True
+  elif stamp == "before_augmentation":
+    stamped = triggers.apply(trigger, jnp.asarray(images[indices], jnp.float32) / 255.0)
+    images[indices] = to_uint8(stamped)
+  else:
+    raise ValueError(f"unknown stamp mode {stamp!r}; known: after_augmentation, "
+                     "before_augmentation")
+  return PoisonedSet(images, new_labels, flags, indices)
+
+
+def clean(images: np.ndarray, labels: np.ndarray) -> PoisonedSet:
+  """The vanilla model's training set: the same images, nothing poisoned."""
+  return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),
+                     np.zeros(len(labels), bool), np.zeros(0, np.int64))

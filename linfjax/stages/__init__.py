@@ -1,0 +1,1 @@
+"""The pipeline's stages, one module each: inputs, outputs and checkpoints of one step."""

@@ -1,0 +1,122 @@
+"""The `train` stage: a backdoored and a vanilla model, same recipe and seed, resumable.
+
+Writes under `WORKDIR/train/`:
+  split.npz            the defender's clean set S, the training indices, and the
+                       poisoned indices (positions in the training images);
+  backdoored/, vanilla/  orbax checkpoints, one per finished epoch;
+  metrics.json         per-epoch loss/accuracy, seconds per model, final CA/ASR/RA.
+Returns the `train` entry of results.json (METHOD.md, "Results file").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from linfjax import checkpoints, metrics, models, poison, train
+from linfjax.stages.context import RunContext
+
+MODEL_KINDS = ("backdoored", "vanilla")
+
+
+def training_sets(ctx: RunContext) -> dict[str, poison.PoisonedSet]:
+  """The backdoored model's poisoned training set and the vanilla model's clean one."""
+  cfg = ctx.config
+  return {
+      "backdoored": poison.poison(
+          ctx.train_images, ctx.train_labels, ctx.trigger, rate=cfg.poison.rate,
+          target=cfg.poison.target, mode=cfg.poison.mode, stamp=cfg.poison.stamp,
+          num_classes=ctx.dataset.num_classes, seed=cfg.seed),
+      "vanilla": poison.clean(ctx.train_images, ctx.train_labels),
+  }
+
+
+def _initial_state(ctx: RunContext, num_examples: int):
+  model = ctx.model()
+  cfg = ctx.config.train
+  total_steps = cfg.epochs * train.steps_per_epoch(num_examples, cfg.batch_size)
+  init_key = jax.random.fold_in(jax.random.key(ctx.config.seed), 0)
+  variables = models.init(model, init_key, ctx.dataset.image_shape)
+  return model, train.create_state(model, variables, train.make_optimizer(cfg, total_steps))
+
+
+def checkpoint_dir(workdir: str, kind: str) -> str:
+  return os.path.join(workdir, "train", kind)
+
+
+def load_trained(ctx: RunContext, kind: str):
+  """The finished `kind` model ('backdoored' or 'vanilla') and its variables."""
+  model, state = _initial_state(ctx, len(ctx.split.train_indices))
+  store = checkpoints.StageCheckpoints(checkpoint_dir(ctx.workdir, kind))
+  if store.latest_step() != ctx.config.train.epochs:
+    raise checkpoints.CheckpointError(
+        f"{store.directory}: the {kind} model has not finished training "
+        f"(latest epoch {store.latest_step()} of {ctx.config.train.epochs})")
+  state = store.restore(state)
+  store.close()
+  return model, train.variables(state)
+
+
+def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, log: dict):
+  cfg = ctx.config.train
+  model, state = _initial_state(ctx, len(training_set.labels))
+  store = checkpoints.StageCheckpoints(checkpoint_dir(ctx.workdir, kind))
+  start_epoch = store.latest_step() or 0
+  if start_epoch:
+    state = store.restore(state)
+    logging.info("train/%s: resuming after epoch %d of %d", kind, start_epoch, cfg.epochs)
+  recipe = train.Recipe.from_config(cfg)
+  steps = train.steps_per_epoch(len(training_set.labels), cfg.batch_size)
+  bar = tqdm.tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, unit="step",
+                  desc=f"train {kind}", disable=not ctx.progress, leave=False)
+  epoch_log = log.setdefault("epochs", [])
+  started = time.perf_counter()
+
+  def on_epoch_end(epoch, state, epoch_metrics):
+    store.save(epoch + 1, state)
+    epoch_log.append({"epoch": epoch + 1, **epoch_metrics})
+    bar.set_postfix(loss=f"{epoch_metrics['loss']:.3f}", acc=f"{epoch_metrics['accuracy']:.3f}")
+    logging.info("train/%s: epoch %d/%d loss %.4f accuracy %.4f", kind, epoch + 1, cfg.epochs,
+                 epoch_metrics["loss"], epoch_metrics["accuracy"])
+
+  key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1)
+  state = train.fit(state, train.to_device(training_set), ctx.trigger, recipe, key=key,
+                    start_epoch=start_epoch, on_epoch_end=on_epoch_end,
+                    on_step=lambda: bar.update(1))
+  bar.close()
+  store.close()
+  log["seconds"] = time.perf_counter() - started
+  return model, train.variables(state)
+
+
+def run(ctx: RunContext) -> dict:
+  cfg = ctx.config
+  stage_dir = ctx.stage_dir("train")
+  sets = training_sets(ctx)
+  np.savez(os.path.join(stage_dir, "split.npz"),
+           clean_set_indices=ctx.split.clean_set_indices,
+           train_indices=ctx.split.train_indices,
+           poison_indices=sets["backdoored"].poison_indices)
+  result, log = {}, {}
+  for kind in MODEL_KINDS:
+    log[kind] = {}
+    model, variables = _train_model(ctx, kind, sets[kind], log[kind])
+    result[kind] = metrics.evaluate(
+        model.apply, variables, ctx.dataset.test_images, ctx.dataset.test_labels, ctx.trigger,
+        target=cfg.poison.target, mode=cfg.poison.mode, num_classes=ctx.dataset.num_classes,
+        batch_size=cfg.train.eval_batch_size)
+    log[kind]["test"] = result[kind]
+    logging.info("train/%s: CA %.2f ASR %.2f RA %.2f", kind, result[kind]["CA"],
+                 result[kind]["ASR"], result[kind]["RA"])
+  result["poisoned"] = int(len(sets["backdoored"].poison_indices))
+  result["clean_set"] = int(len(ctx.split.clean_set_indices))
+  with open(os.path.join(stage_dir, "metrics.json"), "w") as f:
+    json.dump(log, f, indent=1)
+  return result

@@ -1,0 +1,104 @@
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from linfjax import config as config_lib
+from conftest import REPO_ROOT
+
+
+def _quick():
+  return config_lib.make_quick(config_lib.base_config())
+
+
+def test_defaults_and_quick_validate():
+  config_lib.validate(config_lib.base_config())
+  config_lib.validate(_quick())
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.name", "resnet50", "config.model.name: unknown value 'resnet50'; known: cnn, "
+                               "preact_resnet18, vgg11"),
+    ("trigger.kind", "wanet", "config.trigger.kind: unknown value 'wanet'; known: patch, blend"),
+    ("data.source", "imagenet_dir", "config.data.source: unknown value"),
+    ("poison.rate", 0.0, r"config.poison.rate: 0.0 is outside \(0.0, 1.0\)"),
+    ("poison.rate", 1.0, r"config.poison.rate: 1.0 is outside"),
+    ("poison.mode", "one_to_one", "config.poison.mode"),
+    ("train.epochs", 0, "config.train.epochs: must be an integer >= 1"),
+    ("train.batch_size", -4, "config.train.batch_size"),
+    ("train.learning_rate", 0.0, "config.train.learning_rate"),
+    ("trigger.pattern", "noise", "config.trigger.pattern: unknown value 'noise'; known: solid"),
+    ("trigger.color", (1.0, 2.0, 1.0), "config.trigger.color"),
+    ("stages", ("train", "dance"), "config.stages: unknown stage 'dance'"),
+    ("train.compute_dtype", "float16", "config.train.compute_dtype"),
+])
+def test_validation_names_the_field(field, value, message):
+  config = _quick()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_blend_alpha_range():
+  config = _quick()
+  config.trigger.kind, config.trigger.pattern, config.trigger.alpha = "blend", "noise", 1.5
+  with pytest.raises(config_lib.ConfigError, match="config.trigger.alpha"):
+    config_lib.validate(config)
+
+
+def test_data_dependent_checks():
+  config = _quick()
+  config.poison.target = 10
+  with pytest.raises(config_lib.ConfigError, match="config.poison.target: 10 is not a class"):
+    config_lib.validate_against_data(config, image_shape=(32, 32, 3), num_classes=10,
+                                     num_train=5000)
+  config = _quick()
+  config.trigger.position, config.trigger.offset = "offset", (0, 30)
+  with pytest.raises(config_lib.ConfigError, match="does not fit a 32x32 image"):
+    config_lib.validate_against_data(config, image_shape=(32, 32, 3), num_classes=10,
+                                     num_train=5000)
+  config = _quick()
+  config.data.clean_set_size = 5000
+  with pytest.raises(config_lib.ConfigError, match="config.data.clean_set_size"):
+    config_lib.validate_against_data(config, image_shape=(32, 32, 3), num_classes=10,
+                                     num_train=5000)
+
+
+def _load_config_file(path, *args):
+  spec = importlib.util.spec_from_file_location("config_file", os.path.join(REPO_ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+@pytest.mark.parametrize("path", ["configs/cifar_patch.py", "configs/cifar_blend.py"])
+def test_config_files_load_and_validate(path):
+  full = _load_config_file(path)
+  quick = _load_config_file(path, "quick")
+  config_lib.validate(full)
+  config_lib.validate(quick)
+  assert full.model.name == "preact_resnet18" and full.data.source == "tfds"
+  assert (full.train.epochs, full.train.batch_size, full.train.learning_rate) == (100, 128, 0.01)
+  assert quick.model.name == "cnn" and quick.data.source == "cifar10_dir"
+  with pytest.raises(config_lib.ConfigError, match="unknown config variant 'fast'"):
+    _load_config_file(path, "fast")
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "linfjax.main", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_rejects_bad_values_before_compute(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = _main("--config=configs/cifar_patch.py:quick", "--config.model.name=resnet50",
+                 f"--workdir={workdir}")
+  assert result.returncode != 0
+  assert "config.model.name: unknown value 'resnet50'" in result.stderr
+  assert not os.path.exists(workdir)
+  typo = _main("--config=configs/cifar_patch.py:quick", "--config.train.epoch=3",
+               f"--workdir={workdir}")
+  assert typo.returncode != 0 and "epoch" in typo.stderr

@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linfjax import models
+
+TINY = {"cnn": 0.125, "preact_resnet18": 0.0625, "vgg11": 0.0625}
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_shapes_probe_and_split(name):
+  model = models.create(name, num_classes=7, width=TINY[name])
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  logits, activations = jax.jit(model.apply)(variables, x)
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  layer = model.default_probe
+  assert layer == models.layer_names(model)[-1]
+  assert list(activations) == [layer]
+  features, _ = model.apply(variables, x, stop=layer)
+  np.testing.assert_array_equal(features, activations[layer])
+  head_logits, _ = model.apply(variables, features, start=layer)
+  np.testing.assert_allclose(head_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_layers_and_probe_shapes():
+  model = models.create("cnn", num_classes=10, probe_layers=("conv1_2", "conv3_2"))
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  _, activations = model.apply(variables, jnp.zeros((1, 32, 32, 3)))
+  assert activations["conv1_2"].shape == (1, 32, 32, 32)
+  assert activations["conv3_2"].shape == (1, 8, 8, 128)
+
+
+def test_mask_zeroes_channel_and_changes_logits_as_hand_computed():
+  model = models.create("cnn", num_classes=10, width=0.125)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(2), (3, 32, 32, 3))
+  layer = "conv3_2"
+  _, clean_activations = model.apply(variables, x)
+  k = clean_activations[layer].shape[-1]
+  mask = jnp.ones(k).at[1].set(0.0).at[4].set(0.0)
+  logits, activations = jax.jit(model.apply)(variables, x, {layer: mask})
+  features = activations[layer]
+  assert float(jnp.abs(features[..., 1]).max()) == 0.0
+  assert float(jnp.abs(features[..., 4]).max()) == 0.0
+  np.testing.assert_array_equal(features[..., 0], clean_activations[layer][..., 0])
+  # Head by hand: global average pool, then the dense layer.
+  head = variables["params"]["head"]
+  pooled = np.asarray(clean_activations[layer]).mean(axis=(1, 2)) * np.asarray(mask)
+  expected = pooled @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_on_an_early_layer_propagates():
+  model = models.create("cnn", num_classes=10, width=0.125)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
+  k = 4
+  zero_all = {"conv1_1": jnp.zeros(k)}
+  logits, _ = model.apply(variables, x, zero_all)
+  logits_other, _ = model.apply(variables, x * 0.5, zero_all)
+  # With every channel of the first layer zeroed, the output no longer depends on the input.
+  np.testing.assert_allclose(logits, logits_other, atol=1e-6)
+
+
+def test_start_applies_the_mask_of_the_start_layer():
+  model = models.create("cnn", num_classes=10, width=0.125)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(3), (2, 32, 32, 3))
+  mask = {"conv2_2": jnp.zeros(8).at[0].set(1.0)}
+  full, _ = model.apply(variables, x, mask)
+  features, _ = model.apply(variables, x, stop="conv2_2")
+  split, _ = model.apply(variables, features, mask, start="conv2_2")
+  np.testing.assert_allclose(split, full, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_names_list_the_known_ones():
+  with pytest.raises(KeyError, match="known: cnn, preact_resnet18, vgg11"):
+    models.create("resnet50", num_classes=10)
+  model = models.create("cnn", num_classes=10, width=0.125)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  with pytest.raises(KeyError, match="unknown layer 'fc7'.*conv1_1"):
+    model.apply(variables, jnp.zeros((1, 32, 32, 3)), {"fc7": jnp.ones(3)})
+
+
+def test_normalisation_is_the_input_layer():
+  model = models.create("cnn", num_classes=10, width=0.125, mean=(0.5, 0.5, 0.5),
+                        std=(0.25, 0.25, 0.25))
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  shifted = models.create("cnn", num_classes=10, width=0.125, mean=(0.0, 0.0, 0.0),
+                          std=(1.0, 1.0, 1.0))
+  x = jax.random.uniform(jax.random.key(4), (2, 32, 32, 3))
+  a, _ = model.apply(variables, x)
+  b, _ = shifted.apply(variables, (x - 0.5) / 0.25)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_preact_block_output_is_residual_sum_in_train_mode():
+  model = models.create("preact_resnet18", num_classes=10, width=0.0625)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(5), (4, 32, 32, 3))
+  (logits, _), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert logits.shape == (4, 10)
+  before = jax.tree.leaves(variables["batch_stats"])
+  after = jax.tree.leaves(updates["batch_stats"])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
