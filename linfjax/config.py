@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from linfjax import models
+
 MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11")
 DATA_SOURCES = ("cifar10_dir", "tfds")
 TRIGGER_KINDS = ("patch", "blend")
@@ -27,7 +29,10 @@ PATCH_POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "offs
 POISON_MODES = ("all_to_one", "all_to_all")
 STAMP_MODES = ("after_augmentation", "before_augmentation")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-STAGE_NAMES = ("train",)
+STAGE_NAMES = ("train", "reverse", "analysis", "prune")
+PRUNE_NORMS = ("linf", "l2", "l1")
+PRUNE_SCORES = ("shift", "triggered")
+PRUNE_LEVEL_UNITS = ("fraction", "count")
 
 # Where the shared CIFAR-10 subset sits relative to a checkout of the repo.
 SHARED_SUBSET = "../shared/data/cifar10-subset"
@@ -88,6 +93,43 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.flip = True
   config.train.compute_dtype = "float32"
   config.train.eval_batch_size = 500
+
+  # Neural Cleanse (linfjax/reverse.py). Values from NC's code (its GTSRB example)
+  # unless marked "ours". A step is `mini_batches` Adam updates followed by the
+  # adaptive-cost bookkeeping; the cost starts at 0, as in NC.
+  config.reverse = ml_collections.ConfigDict()
+  config.reverse.steps = 1000
+  config.reverse.mini_batches = 16  # Ours: one pass over the 500 images of S (NC: 1000 / 32).
+  config.reverse.batch_size = 32
+  config.reverse.learning_rate = 0.1  # Adam, betas (0.5, 0.9).
+  config.reverse.init_cost = 1e-3
+  config.reverse.cost_multiplier = 2.0  # Up by this, down by its 1.5th power.
+  config.reverse.patience = 5  # Steps of success (failure) before the cost goes up (down).
+  config.reverse.attack_success_threshold = 0.99
+  config.reverse.early_stop_threshold = 1.0  # Stalled: best norm >= this x the earlier best.
+  config.reverse.early_stop_patience = 25  # Stalled steps before a class stops.
+  config.reverse.anomaly_threshold = 2.0  # Anomaly index above which a class is flagged.
+  config.reverse.checkpoint_every = 10  # Ours: steps between checkpoints.
+
+  # The lp-based pruning defense and Fine-Pruning (linfjax/prune.py, METHOD.md).
+  config.prune = ml_collections.ConfigDict()
+  config.prune.layer = ""  # Empty: the model's default probe (last conv map before pooling).
+  config.prune.norms = PRUNE_NORMS
+  config.prune.score = "shift"  # "shift": delta_k; "triggered": mean triggered norm.
+  config.prune.level_unit = "fraction"  # Levels as fractions of K, or as neuron counts.
+  # Ours: 1 % steps up to 10 %, where a backdoor's few neurons sit, then coarser up to 90 %
+  # for Fine-Pruning's dormant neurons. Level 0 (nothing pruned) is always added.
+  config.prune.levels = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1,
+                         0.12, 0.14, 0.16, 0.18, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55,
+                         0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+  config.prune.tau = 5.0  # r*: defender-side ASR at most this (percent) ...
+  config.prune.delta = 3.0  # ... with the CA drop on S at most this (points).
+  config.prune.fine_tune = False  # Fine-tune the lp-pruned models at r* on S (mask fixed).
+  config.prune.fine_tune_epochs = 10  # Ours, for both this and Fine-Pruning.
+  config.prune.fine_tune_learning_rate = 0.01  # SGD with the train block's momentum/decay.
+  config.prune.fine_pruning = True  # Also run Fine-Pruning (Liu et al., 2018).
+  # Ours: masks vmapped together in a sweep call (chunks bound memory; 8 was fastest on CPU).
+  config.prune.mask_batch = 8
   return config
 
 
@@ -99,6 +141,18 @@ def make_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model.width = 1.0
   config.train.epochs = 10
   config.train.learning_rate = 0.05
+  # Ours: both models' reverse engineering in about two minutes on 2 CPU cores (64 Adam
+  # updates of 16 images per class, against NC's ~31,000 of 32), with the schedule's
+  # patiences scaled down and twice NC's learning rate so that the masks shrink in time.
+  config.reverse.steps = 16
+  config.reverse.mini_batches = 4
+  config.reverse.batch_size = 16
+  config.reverse.learning_rate = 0.2
+  config.reverse.patience = 2
+  config.reverse.early_stop_patience = 5
+  config.reverse.checkpoint_every = 4
+  # Ours: keeps the prune stage, fine-tuning included, near a minute on 2 CPU cores.
+  config.prune.fine_tune_epochs = 2
   return config
 
 
@@ -205,6 +259,56 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, "train.weight_decay", 0.0, 1.0)
   _check_int(config, "train.crop_padding", 0)
   _check_choice(config, "train.compute_dtype", COMPUTE_DTYPES)
+
+  _check_int(config, "reverse.steps", 1)
+  _check_int(config, "reverse.mini_batches", 1)
+  _check_int(config, "reverse.batch_size", 1)
+  if "reverse" in stages and config.reverse.batch_size > config.data.clean_set_size:
+    _fail("reverse.batch_size", f"{config.reverse.batch_size} is larger than the clean set "
+          f"S (data.clean_set_size {config.data.clean_set_size})")
+  _check_range(config, "reverse.learning_rate", 0.0, 10.0, low_open=True)
+  _check_range(config, "reverse.init_cost", 0.0, 1e3, low_open=True)
+  _check_range(config, "reverse.cost_multiplier", 1.0, 100.0, low_open=True)
+  _check_int(config, "reverse.patience", 1)
+  _check_range(config, "reverse.attack_success_threshold", 0.0, 1.0, low_open=True)
+  _check_range(config, "reverse.early_stop_threshold", 0.0, 1.0, low_open=True)
+  _check_int(config, "reverse.early_stop_patience", 1)
+  _check_range(config, "reverse.anomaly_threshold", 0.0, 100.0, low_open=True)
+  _check_int(config, "reverse.checkpoint_every", 1)
+
+  _validate_prune(config)
+
+
+def _validate_prune(config: ml_collections.ConfigDict) -> None:
+  prune = config.prune
+  if prune.layer:
+    model = models.create(config.model.name, num_classes=1, width=config.model.width)
+    known = models.layer_names(model)
+    if prune.layer not in known:
+      _fail("prune.layer", f"unknown layer {prune.layer!r} of model {config.model.name!r}; "
+            f"known: {', '.join(known)} (or empty for the default probe)")
+  chosen = tuple(prune.norms)
+  if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(PRUNE_NORMS):
+    _fail("prune.norms", f"must be distinct names from {', '.join(PRUNE_NORMS)}, got {chosen!r}")
+  _check_choice(config, "prune.score", PRUNE_SCORES)
+  _check_choice(config, "prune.level_unit", PRUNE_LEVEL_UNITS)
+  levels = tuple(prune.levels)
+  if not levels:
+    _fail("prune.levels", "is empty; give the pruning levels to sweep")
+  for level in levels:
+    if prune.level_unit == "fraction":
+      if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0 <= level < 1:
+        _fail("prune.levels", f"{level!r} is not a fraction of the layer's neurons in [0, 1)")
+    elif not isinstance(level, int) or isinstance(level, bool) or level < 0:
+      _fail("prune.levels", f"{level!r} is not a neuron count (an integer >= 0)")
+  _check_range(config, "prune.tau", 0.0, 100.0)
+  _check_range(config, "prune.delta", 0.0, 100.0)
+  for flag in ("fine_tune", "fine_pruning"):
+    if not isinstance(prune[flag], bool):
+      _fail(f"prune.{flag}", f"must be True or False, got {prune[flag]!r}")
+  _check_int(config, "prune.fine_tune_epochs", 1)
+  _check_int(config, "prune.mask_batch", 1)
+  _check_range(config, "prune.fine_tune_learning_rate", 0.0, 10.0, low_open=True)
 
 
 def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Sequence[int],

@@ -3,7 +3,8 @@
 The work directory holds:
   config.json    the resolved config; a rerun with a different config is refused;
   results.json   METHOD.md's results contract; each finished stage adds its key;
-  <stage>/       each stage's files and orbax checkpoints (so a killed run resumes).
+  <stage>/       each stage's files and orbax checkpoints (so a killed run resumes);
+  report.html    the run report (linfjax/report.py), rewritten at the end of every run.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ import ml_collections
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import data, triggers
+from linfjax import data, report, triggers
+from linfjax.stages import analysis as analysis_stage
+from linfjax.stages import prune as prune_stage
+from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
 STAGES: dict[str, Callable[[RunContext], dict]] = {
     "train": train_stage.run,
+    "reverse": reverse_stage.run,
+    "analysis": analysis_stage.run,
+    "prune": prune_stage.run,
 }
 
 
@@ -99,10 +106,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     if stage not in pending:
       logging.info("stage %s: finished earlier, skipped", stage)
   if not pending:
+    report.write_report(workdir)
     return results
   ctx = make_context(config, workdir, progress=progress)
   for stage in pending:
     logging.info("stage %s: running", stage)
     results[stage] = STAGES[stage](ctx)
     write_json_atomic(results_path, results)
+  report.write_report(workdir)
   return results

@@ -20,6 +20,7 @@ def tiny_config(cifar_dir, **train_overrides):
   config.train.batch_size = 16
   config.train.eval_batch_size = 32
   config.poison.rate = 0.2
+  config.reverse.update(steps=2, mini_batches=1)
   config.train.update(train_overrides)
   return config
 

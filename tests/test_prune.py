@@ -1,0 +1,250 @@
+"""Pruning as a mask transform: masks, the one-call sweep, r*, DER, Fine-Pruning, fine-tuning,
+and the prune stage (results contract, files, skip of the synthetic trigger, resume)."""
+
+import csv
+import functools
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linfjax import config as config_lib
+from linfjax import finetune, metrics, models, pipeline, prune, triggers
+from linfjax.stages import prune as prune_stage
+from linfjax.stages import train as train_stage
+from test_pipeline import tiny_config
+
+METHODS = ("linf", "l2", "l1", "fine_pruning")
+ENTRY_KEYS = {"r_star", "CA", "ASR_real", "ASR_defender", "dCA", "dASR", "DER"}
+
+
+@functools.lru_cache(maxsize=None)
+def _small_cnn():
+  model = models.create("cnn", num_classes=10, width=0.25, probe_layers=("conv2_2", "conv3_2"))
+  return model, models.init(model, jax.random.key(0), (32, 32, 3))
+
+
+def _patch():
+  return triggers.patch((32, 32, 3), size=3, row=29, col=29, pattern=np.ones((3, 3, 3)))
+
+
+def test_level_counts_from_fractions_and_counts():
+  np.testing.assert_array_equal(
+      prune.level_counts([0.25, 0.5, 0.9, 0.05], 10, unit="fraction"), [0, 1, 3, 5, 9])
+  np.testing.assert_array_equal(prune.level_counts([3, 3, 10], 10, unit="count"), [0, 3, 10])
+  grid = (0.0, 0.01, 0.02, 0.03, 0.1, 0.5, 0.9)
+  np.testing.assert_array_equal(prune.level_counts(grid, 128, unit="fraction"),
+                                [0, 1, 3, 4, 13, 64, 115])
+  with pytest.raises(ValueError, match=r"\[0, 10\]"):
+    prune.level_counts([11], 10, unit="count")
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    prune.level_counts([1.0], 10, unit="fraction")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("norms", ("linf", "l3"), "config.prune.norms: must be distinct names from linf, l2, l1"),
+    ("norms", ("l1", "l1"), "config.prune.norms"),
+    ("levels", (0.5, 1.0), "config.prune.levels: 1.0 is not a fraction"),
+    ("layer", "conv9", "config.prune.layer: unknown layer 'conv9' of model 'cnn'"),
+    ("score", "max", "config.prune.score: unknown value 'max'"),
+    ("tau", 101.0, "config.prune.tau: 101.0 is outside [0.0, 100.0]"),
+    ("fine_tune_epochs", 0, "config.prune.fine_tune_epochs: must be an integer >= 1"),
+])
+def test_prune_config_errors_name_the_field(field, value, message):
+  config = config_lib.make_quick(config_lib.base_config())
+  config.prune[field] = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.validate(config)
+  config.prune[field] = config_lib.base_config().prune[field]
+  config.prune.update(level_unit="count", levels=(0, 2.5))
+  with pytest.raises(config_lib.ConfigError, match=r"config.prune.levels: 2.5 is not a neuron"):
+    config_lib.validate(config)
+
+
+def test_masks_zero_exactly_the_chosen_channels():
+  order = np.array([3, 0, 7, 1, 2, 6, 5, 4])
+  stack = prune.masks(order, [0, 2, 5, 8])
+  assert stack.shape == (4, 8) and stack.dtype == np.float32
+  np.testing.assert_array_equal(stack[0], np.ones(8))
+  np.testing.assert_array_equal(np.flatnonzero(stack[1] == 0), [0, 3])
+  np.testing.assert_array_equal(np.flatnonzero(stack[2] == 0), [0, 1, 2, 3, 7])
+  np.testing.assert_array_equal(stack[3], np.zeros(8))
+  assert set(np.unique(stack)) == {0.0, 1.0}
+
+  model, variables = _small_cnn()
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3))
+  order = prune.ranking(np.arange(32.0))  # Largest first: 31, 30, ...
+  mask = prune.masks(order, [5])[0]
+  forward = jax.jit(lambda v, x, m: model.apply(v, x, m)[1]["conv3_2"])
+  masked = np.asarray(forward(variables, x, {"conv3_2": mask}))
+  full = np.asarray(forward(variables, x, {"conv3_2": np.ones(32, np.float32)}))
+  assert np.all(masked[..., 27:] == 0.0) and np.any(full[..., 27:] > 0)
+  np.testing.assert_array_equal(masked[..., :27], full[..., :27])
+
+
+@pytest.mark.parametrize("layer", ["conv3_2", "conv2_2"])
+def test_vmapped_sweep_equals_one_full_pass_per_level(layer):
+  model, variables = _small_cnn()
+  num_neurons = {"conv3_2": 32, "conv2_2": 16}[layer]
+  images = np.asarray(jax.random.randint(jax.random.key(2), (24, 32, 32, 3), 0, 256), np.uint8)
+  labels = np.asarray(jax.random.randint(jax.random.key(3), (24,), 0, 10), np.int32)
+  trigger = _patch()
+  order = np.asarray(jax.random.permutation(jax.random.key(4), num_neurons))
+  stack = prune.masks(order, prune.level_counts([0.1, 0.3, 0.6, 0.9], num_neurons,
+                                                unit="fraction"))
+  # Five masks in chunks of two: two vmapped chunks and a remainder, in one call.
+  swept = jax.jit(prune.masked_logits, static_argnames=("apply_fn", "layer", "mask_batch"))(
+      variables, jnp.asarray(images), (trigger,), jnp.asarray(stack), apply_fn=model.apply,
+      layer=layer, mask_batch=2)
+  assert swept.shape == (5, 2, 24, 10)
+  full = jax.jit(lambda v, x, m: model.apply(v, x, {layer: m})[0])
+  x = images.astype(np.float32) / 255.0
+  triggered = triggers.apply(trigger, x)
+  reference = np.stack([np.stack([full(variables, x, m), full(variables, triggered, m)])
+                        for m in stack])
+  np.testing.assert_allclose(swept, reference, rtol=1e-4, atol=1e-5)
+  assert np.abs(reference[0] - reference[-1]).max() > 1e-3, "the masks change the logits"
+
+  result = prune.sweep(model.apply, variables, images, labels, trigger, stack, layer=layer,
+                       target=0, mode="all_to_one", num_classes=10, batch_size=10,
+                       mask_batch=8)
+  for i in range(len(stack)):
+    expected = metrics.attack_metrics(reference[i, 0].argmax(-1), reference[i, 1].argmax(-1),
+                                      labels, target=0, mode="all_to_one", num_classes=10)
+    assert {key: result[key][i] for key in ("CA", "ASR", "RA")} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("asr, ca, expected", [
+    ([90, 30, 3, 1], [80, 79.5, 78, 77.5], 2),  # First level under tau within the drop.
+    ([90, 40, 4, 2], [80, 79, 76, 70], 1),  # 4 and 2 pass tau but drop 4 and 10 points.
+    ([90, 60, 50, 55], [80, 80, 79, 78], 2),  # None reaches tau: lowest ASR within the drop.
+    ([90, 50, 50, 80], [80, 80, 80, 80], 1),  # Ties: the smaller level.
+    ([90, 1, 1], [80, 60, 50], 0),  # Only level 0 keeps the drop.
+])
+def test_r_star_on_hand_made_curves(asr, ca, expected):
+  assert prune.choose_level(asr, ca, ca_reference=ca[0], tau=5.0, delta=3.0) == expected
+
+
+def test_defense_entry_der_matches_metrics_der():
+  entry = prune.defense_entry(r_star=12, ca=88.0, asr_real=1.0, asr_defender=0.5,
+                              ca_before=90.0, asr_before=99.0)
+  assert entry == {"r_star": 12, "CA": 88.0, "ASR_real": 1.0, "ASR_defender": 0.5,
+                   "dCA": 2.0, "dASR": 98.0, "DER": 98.0}
+  assert entry["DER"] == metrics.der(ca_before=90.0, ca_after=88.0, asr_before=99.0,
+                                     asr_after=1.0)
+  better = prune.defense_entry(r_star=3, ca=91.0, asr_real=60.0, asr_defender=4.0,
+                               ca_before=90.0, asr_before=99.0)
+  assert better["dCA"] == -1.0 and better["DER"] == pytest.approx((39.0 + 100.0) / 2)
+
+
+def test_fine_pruning_ranks_by_clean_mean_smallest_first():
+  weights = jnp.asarray([0.5, 0.0, 2.0, 0.1, 1.0])
+  spike = jnp.asarray([0.0, 0.0, 0.0, 5.0, 0.0])  # Fires on the trigger's pixel only.
+
+  def apply_fn(variables, x, stop=None):
+    activation = (x[..., :1] * weights[None, None, None]
+                  + (x[..., 1:2] == 1.0) * spike[None, None, None])
+    return (activation, {}) if stop else (jnp.zeros((x.shape[0], 2)), {"L": activation})
+
+  images = np.asarray(jax.random.uniform(jax.random.key(5), (12, 4, 4, 3)) * 0.9, np.float32)
+  trigger = triggers.patch((4, 4, 3), size=1, row=0, col=0, pattern=np.ones((1, 1, 3)))
+  moments, map_size = prune.layer_statistics(apply_fn, {}, images, trigger, layer="L",
+                                             batch_size=5)
+  assert map_size == 16
+  clean_mean = prune.clean_mean_activation(moments, map_size=map_size)
+  triggered = np.asarray(triggers.apply(trigger, images))
+  np.testing.assert_allclose(clean_mean, np.asarray(weights) * images[..., 0].mean(), rtol=1e-5)
+  orders = prune.method_rankings(moments, norm_list=("linf", "l1"), score="shift",
+                                 map_size=map_size, fine_pruning=True)
+  np.testing.assert_array_equal(orders["fine_pruning"], [1, 3, 0, 4, 2])
+  assert orders["linf"][0] == 3 and orders["l1"][0] == 3
+  linf_shift = prune.scores_from_moments(moments, norm="linf", score="shift")
+  expected = (np.asarray(weights) * triggered[..., 0].max((1, 2)).mean()
+              + np.asarray(spike) - np.asarray(weights) * images[..., 0].max((1, 2)).mean())
+  np.testing.assert_allclose(linf_shift, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tuning_keeps_pruned_channels_at_zero():
+  model, variables = _small_cnn()
+  images = np.asarray(jax.random.randint(jax.random.key(6), (32, 32, 32, 3), 0, 256), np.uint8)
+  labels = np.asarray(jax.random.randint(jax.random.key(7), (32,), 0, 10), np.int32)
+  mask = prune.masks(np.arange(32), [8])[0]  # Prunes channels 0..7 of conv3_2.
+  recipe = finetune.Recipe(epochs=2, learning_rate=0.05, momentum=0.9, weight_decay=0.0,
+                           batch_size=16, padding=4, flip=True)
+  tuned = finetune.fine_tune(model, variables, images, labels, {"conv3_2": mask}, recipe,
+                             key=jax.random.key(8))
+  before = np.asarray(variables["params"]["conv3_2"]["Conv_0"]["kernel"])
+  after = np.asarray(tuned["params"]["conv3_2"]["Conv_0"]["kernel"])
+  # The mask is in the forward pass: no gradient reaches the pruned channels' weights.
+  np.testing.assert_array_equal(after[..., :8], before[..., :8])
+  assert np.abs(after[..., 8:] - before[..., 8:]).max() > 1e-4
+  forward = jax.jit(lambda v, x, m: model.apply(v, x, m)[1]["conv3_2"])
+  activation = np.asarray(forward(tuned, images.astype(np.float32) / 255, {"conv3_2": mask}))
+  assert np.all(activation[..., :8] == 0.0) and np.any(activation[..., 8:] > 0)
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(cifar_dir)
+  config.stages = ("train", "reverse", "prune")
+  config.prune.fine_tune = True
+  ctx = pipeline.make_context(config, workdir, progress=False)
+  model = ctx.model()
+  variables = models.init(model, jax.random.key(9), ctx.dataset.image_shape)
+  monkeypatch.setattr(train_stage, "load_trained", lambda ctx, kind: (model, variables))
+  before = metrics.evaluate(model.apply, variables, ctx.dataset.test_images,
+                            ctx.dataset.test_labels, ctx.trigger, target=0, mode="all_to_one",
+                            num_classes=10, batch_size=32)
+
+  skipped = prune_stage.run(ctx)
+  assert skipped["synthetic"] == {"skipped": prune_stage.NOT_FLAGGED}
+  assert set(skipped["real"]) == set(METHODS)
+
+  mask = np.zeros((32, 32, 1), np.float32)
+  mask[-4:, -4:] = 1.0
+  os.makedirs(os.path.join(workdir, "reverse"), exist_ok=True)
+  np.savez(os.path.join(workdir, "reverse", "synthetic_trigger.npz"), mask=mask,
+           pattern=np.ones((32, 32, 3), np.float32), target=np.int64(3))
+  result = prune_stage.run(ctx)
+  assert set(result) == {"synthetic", "real"}
+  assert result["real"] == skipped["real"]
+  stage_dir = os.path.join(workdir, "prune")
+  for source in ("synthetic", "real"):
+    assert set(result[source]) == set(METHODS)
+    rows = _read_csv(os.path.join(stage_dir, f"sweep_{source}.csv"))
+    # conv3_2 of the width-0.125 CNN has 16 neurons; the default grid gives 15 counts.
+    assert len(rows) == 4 * 15
+    for method in METHODS:
+      entry = result[source][method]
+      assert set(entry) == ENTRY_KEYS
+      method_rows = [r for r in rows if r["method"] == method]
+      chosen = [r for r in method_rows if r["r_star"] == "1"]
+      assert len(chosen) == 1 and int(chosen[0]["r"]) == entry["r_star"]
+      assert [int(r["r"]) for r in method_rows] == list(range(15))
+      assert float(method_rows[0]["CA"]) == pytest.approx(before["CA"], abs=1e-3)
+      assert float(method_rows[0]["ASR_real"]) == pytest.approx(before["ASR"], abs=1e-3)
+      assert entry["DER"] == pytest.approx(metrics.der(
+          ca_before=before["CA"], ca_after=entry["CA"], asr_before=before["ASR"],
+          asr_after=entry["ASR_real"]), abs=1e-3)
+    with open(os.path.join(stage_dir, f"curves_{source}.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(stage_dir, "sweep_synthetic.json")) as f:
+    record = json.load(f)
+  assert record["target"] == 3 and set(record["fine_tuned"]) == set(METHODS)
+
+  monkeypatch.setattr(prune, "sweep", lambda *a, **k: pytest.fail("finished sweep recomputed"))
+  monkeypatch.setattr(finetune, "fine_tune", lambda *a, **k: pytest.fail("fine-tuned again"))
+  assert prune_stage.run(ctx) == result
+
+  config.prune.update(level_unit="count", levels=(3, 17))
+  with pytest.raises(config_lib.ConfigError, match=r"config.prune.levels: .*\[0, 16\]"):
+    prune_stage.run(ctx)

@@ -1,0 +1,116 @@
+"""The run report: the run's numbers and every figure in one self-contained HTML file."""
+
+import base64
+import json
+import os
+import re
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from linfjax import pipeline, report
+from test_pipeline import tiny_config
+
+RESULTS = {
+    "seed": 0,
+    "train": {"backdoored": {"CA": 61.234, "ASR": 97.5, "RA": 2.25},
+              "vanilla": {"CA": 63.75, "ASR": 4.125, "RA": 60.5},
+              "poisoned": 458, "clean_set": 500},
+    "reverse": {"flagged": None, "anomaly_index": [0.5, 1.25], "mask_l1": [30.0, 41.5],
+                "vanilla": {"flagged": None, "anomaly_index": [0.75, 0.5],
+                            "mask_l1": [44.0, 40.0]}},
+    "analysis": {"backdoored": {"conv3_2": {"linf": {"z": 7.125, "top1_share": 0.3125,
+                                                     "rel": 4.5}}},
+                 "vanilla": {"conv3_2": {"linf": {"z": 2.875, "top1_share": 0.0625,
+                                                  "rel": 0.5}}},
+                 "attention": {"backdoored": {"clean": 0.125, "real": 0.8125},
+                               "vanilla": {"clean": 0.0625, "real": 0.1875}}},
+    "prune": {"synthetic": {"skipped": "no class flagged by reverse engineering"},
+              "real": {"linf": {"r_star": 3, "CA": 59.875, "ASR_real": 1.625,
+                                "ASR_defender": 1.5, "dCA": 1.359, "dASR": 95.875,
+                                "DER": 97.258}}},
+}
+
+
+def _png(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  figure = Figure(figsize=(1, 1), dpi=20)
+  FigureCanvasAgg(figure)
+  figure.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+  figure.savefig(path, format="png")
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _embedded(text):
+  return [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"',
+                                                        text)]
+
+
+def _write_run(workdir, results):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"seed": 0, "model": {"name": "cnn"}}, f)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f)
+
+
+def test_report_holds_the_numbers_and_embeds_every_figure(tmp_path):
+  workdir = str(tmp_path / "run")
+  _write_run(workdir, RESULTS)
+  figures = {name: _png(os.path.join(workdir, name)) for name in
+             ("reverse/backdoored/triggers.png", "prune/curves_real.png", "elsewhere/extra.png")}
+  path = report.write_report(workdir)
+  assert path == os.path.join(workdir, "report.html")
+  with open(path) as f:
+    text = f.read()
+  for number in ("61.23", "97.50", "63.75", "59.88", "1.62", "97.26", "7.125", "0.812", "41.50"):
+    assert number in text, number
+  assert "skipped: no class flagged by reverse engineering" in text
+  assert "<h2>Other figures</h2>" in text and "elsewhere/extra.png" in text
+  assert sorted(_embedded(text)) == sorted(figures.values())
+  assert text.index("reverse/backdoored/triggers.png") < text.index("prune/curves_real.png")
+
+
+def test_report_copes_with_absent_stages(tmp_path):
+  workdir = str(tmp_path / "run")
+  _write_run(workdir, {"seed": 0, "train": RESULTS["train"]})
+  with open(report.write_report(workdir)) as f:
+    text = f.read()
+  assert "61.23" in text
+  for stage in ("reverse", "analysis", "prune"):
+    assert f"the {stage} stage has not run" in text
+  assert _embedded(text) == []
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)
+  with open(report.write_report(empty)) as f:
+    assert "the train stage has not finished" in f.read()
+
+
+def test_pipeline_end_to_end_writes_prune_results_and_report(cifar_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(cifar_dir)
+  config.stages = ("train", "reverse", "analysis", "prune")
+  config.reverse.update(steps=2, mini_batches=2, batch_size=10, checkpoint_every=1)
+  results = pipeline.run(config, workdir, progress=False)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == results
+  assert set(results) == {"seed", "train", "reverse", "analysis", "prune"}
+  assert set(results["prune"]) == {"synthetic", "real"}
+  assert set(results["prune"]["real"]) == {"linf", "l2", "l1", "fine_pruning"}
+  if results["reverse"]["flagged"] is None:
+    assert results["prune"]["synthetic"] == {"skipped": "no class flagged by reverse engineering"}
+  path = os.path.join(workdir, "report.html")
+  with open(path) as f:
+    text = f.read()
+  assert f"{results['train']['backdoored']['CA']:.2f}" in text
+  assert f"{results['prune']['real']['linf']['DER']:.2f}" in text
+  pngs = [os.path.join(root, name) for root, _, files in os.walk(workdir) for name in files
+          if name.endswith(".png")]
+  assert any(p.endswith("curves_real.png") for p in pngs)
+  assert len(_embedded(text)) == len(pngs) >= 5
+
+  os.remove(path)
+  assert pipeline.run(config, workdir, progress=False) == results  # Every stage finished.
+  with open(path) as f:
+    assert len(_embedded(f.read())) == len(pngs)
