@@ -1,4 +1,5 @@
-"""Figures a person looks at: norm-shift histograms, activation maps, Grad-CAM panels.
+"""Figures a person looks at: norm-shift histograms, activation maps, Grad-CAM panels,
+pruning curves.
 
 Each function takes plain arrays and returns a matplotlib `Figure` drawn on the Agg
 canvas (no pyplot, no display, no global backend switch); `save` writes one as PNG.
@@ -111,5 +112,44 @@ def gradcam_panels(images: Mapping[str, np.ndarray],
         axes.set_title(condition, fontsize="small")
       if c == 0:
         axes.set_ylabel(f"{model} {i}", fontsize="small")
+  figure.suptitle(title)
+  return figure
+
+
+METHOD_COLORS = {"linf": "tab:red", "l2": "tab:blue", "l1": "tab:green",
+                 "fine_pruning": "tab:gray"}
+PRUNING_PANELS = (("CA", "CA on the test split (%)"),
+          ("ASR_real", "ASR, real trigger, test split (%)"),
+          ("ASR_defender", "ASR, defender's trigger, S (%)"))
+
+
+def pruning_curves(fractions: np.ndarray, curves: Mapping[str, Mapping[str, np.ndarray]],
+                   chosen: Mapping[str, int], *, title: str) -> Figure:
+  """Three panels (test CA, test ASR under the real trigger, defender-side ASR on S)
+  against the pruned share of the layer, a line per method, r* marked.
+
+  Args:
+    fractions: [levels] pruned share of the layer's neurons at each level.
+    curves: method (e.g. 'linf', 'fine_pruning') -> {'CA', 'ASR_real', 'ASR_defender'}
+      -> [levels] percentages.
+    chosen: method -> index of its r* level.
+    title: the figure's title (the trigger source).
+  """
+  figure = _figure(4.4 * len(PRUNING_PANELS), 3.8)
+  for p, (key, label) in enumerate(PRUNING_PANELS):
+    axes = figure.add_subplot(1, len(PRUNING_PANELS), p + 1)
+    for method, values in curves.items():
+      color = METHOD_COLORS.get(method)
+      axes.plot(fractions, values[key], marker=".", markersize=3, label=method, color=color)
+      if method in chosen:
+        i = chosen[method]
+        axes.plot([fractions[i]], [values[key][i]], marker="o", markersize=8,
+                  markerfacecolor="none", color=color)
+    axes.set_xlabel("pruned share of the layer's neurons")
+    axes.set_ylabel(label)
+    axes.set_ylim(-2, 102)
+    axes.grid(alpha=0.3)
+    if p == 0:
+      axes.legend(fontsize="small", title="circles: r*", title_fontsize="small")
   figure.suptitle(title)
   return figure

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Callable
 
 import ml_collections
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import data, report, triggers
+from linfjax import data, files, report, triggers
 from linfjax.stages import analysis as analysis_stage
 from linfjax.stages import prune as prune_stage
 from linfjax.stages import reverse as reverse_stage
@@ -35,15 +34,6 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
 
 class WorkdirError(RuntimeError):
   """The work directory belongs to another config or holds unreadable state."""
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON so that a reader (or a kill) never sees a half-written file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    json.dump(obj, f, indent=1)
-    tmp = f.name
-  os.replace(tmp, path)
 
 
 def _read_json(path: str):
@@ -78,7 +68,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{workdir} holds a run of a different config ({'; '.join(differences[:5])}). "
           "Use a new --workdir, or delete this one to start over.")
   else:
-    write_json_atomic(path, current)
+    files.write_json(path, current)
 
 
 def make_context(config: ml_collections.ConfigDict, workdir: str, *,
@@ -112,6 +102,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   for stage in pending:
     logging.info("stage %s: running", stage)
     results[stage] = STAGES[stage](ctx)
-    write_json_atomic(results_path, results)
+    files.write_json(results_path, results)
   report.write_report(workdir)
   return results

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from linfjax import norms, pipeline
+from linfjax import files, norms, pipeline
 from linfjax.stages import analysis
+from linfjax.stages import reverse as reverse_stage
 from test_pipeline import tiny_config
 
 SUMMARY_KEYS = {"z", "top1_share", "rel"}
@@ -65,7 +66,7 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
     with open(os.path.join(workdir, "results.json")) as f:
       on_disk = json.load(f)
     del on_disk["analysis"]
-    pipeline.write_json_atomic(os.path.join(workdir, "results.json"), on_disk)
+    files.write_json(os.path.join(workdir, "results.json"), on_disk)
 
   _drop_analysis()
   monkeypatch.setattr(norms, "norm_statistics",
@@ -79,7 +80,7 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
   mask[:4, :4] = 0.9
   mask[4:, 4:] = 0.01
   pattern = np.full((32, 32, 3), 0.5, np.float32)
-  np.savez(os.path.join(workdir, analysis.SYNTHETIC_TRIGGER_FILE), mask=mask, pattern=pattern)
+  np.savez(reverse_stage.synthetic_trigger_path(workdir), mask=mask, pattern=pattern, target=0)
   _drop_analysis()
   with_synthetic = pipeline.run(config, workdir, progress=False)["analysis"]
   _check_entry(with_synthetic, ["conv2_2", "conv3_2"], ["real", "synthetic"])
@@ -90,14 +91,19 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
   assert with_synthetic["attention"]["vanilla"]["real"] == pytest.approx(
       entry["attention"]["vanilla"]["real"])
   assert os.path.exists(os.path.join(stage_dir, "shifts_synthetic_conv3_2.png"))
-  region = analysis.synthetic_region(analysis.load_synthetic_trigger(workdir, (32, 32, 3)))
+  trigger, _ = reverse_stage.load_synthetic_trigger(workdir, (32, 32, 3))
+  region = analysis.synthetic_region(trigger)
   assert region.sum() == 16 and region[:4, :4].all()
 
 
 def test_synthetic_trigger_of_wrong_shape_is_refused(tmp_path):
   os.makedirs(tmp_path / "reverse")
   np.savez(tmp_path / "reverse" / "synthetic_trigger.npz", mask=np.zeros((32, 32)),
-           pattern=np.zeros((32, 32, 3)))
+           pattern=np.zeros((32, 32, 3)), target=0)
   with pytest.raises(ValueError, match=r"mask \(32, 32\)"):
-    analysis.load_synthetic_trigger(str(tmp_path), (32, 32, 3))
-  assert analysis.load_synthetic_trigger(str(tmp_path / "absent"), (32, 32, 3)) is None
+    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3))
+  np.savez(tmp_path / "reverse" / "synthetic_trigger.npz", mask=np.zeros((32, 32, 1)),
+           pattern=np.zeros((32, 32, 3)))
+  with pytest.raises(ValueError, match=r"lacks arrays \['target'\]"):
+    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3))
+  assert reverse_stage.load_synthetic_trigger(str(tmp_path / "absent"), (32, 32, 3)) is None

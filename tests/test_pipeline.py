@@ -8,7 +8,6 @@ import pytest
 
 from linfjax import config as config_lib
 from linfjax import pipeline, train
-from linfjax.stages import train as train_stage
 
 
 def tiny_config(cifar_dir, **train_overrides):

@@ -201,12 +201,13 @@ def test_stage_flags_the_backdoor_writes_the_trigger_and_resumes(cifar_dir, tmp_
   assert set(straight) == {"flagged", "anomaly_index", "mask_l1", "vanilla"}
   assert set(straight["vanilla"]) == {"flagged", "anomaly_index", "mask_l1"}
   assert straight["vanilla"]["flagged"] is None
-  trigger, target = reverse_stage.load_synthetic_trigger(str(tmp_path / "straight"))
+  trigger, target = reverse_stage.load_synthetic_trigger(str(tmp_path / "straight"),
+                                                        (32, 32, 3))
   assert target == 6 and trigger.mask.shape == (32, 32, 1) and trigger.pattern.shape == (32, 32, 3)
   _assert_on_patch(trigger.mask)
   for kind in ("backdoored", "vanilla"):
     assert os.path.exists(tmp_path / "straight" / "reverse" / kind / "triggers.png")
-  assert reverse_stage.load_synthetic_trigger(str(tmp_path)) is None
+  assert reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3)) is None
 
   real_solve = reverse.solve
 

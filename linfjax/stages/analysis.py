@@ -28,46 +28,23 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
-from linfjax import figures, gradcam, models, norms, poison, triggers
+from linfjax import figures, files, gradcam, models, norms, poison, triggers
+from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
 MODEL_KINDS = train_stage.MODEL_KINDS
-SYNTHETIC_TRIGGER_FILE = os.path.join("reverse", "synthetic_trigger.npz")
 ATTENTION_IMAGES = 100  # S images whose Grad-CAM attention is averaged.
 PANEL_IMAGES = 3  # Images shown in the Grad-CAM and activation-map figures.
 TOP_NEURONS = 4  # Most shifted neurons (linf, real trigger) shown per layer.
 # A synthetic mask is a sigmoid, positive everywhere; its region is where it reaches half
 # its maximum (ours: a binary patch mask gives its square, as `triggers.region` does).
 SYNTHETIC_REGION_LEVEL = 0.5
-
-
-def load_synthetic_trigger(workdir: str, image_shape) -> triggers.Trigger | None:
-  """The reverse stage's trigger, or None when it has not written one."""
-  path = os.path.join(workdir, SYNTHETIC_TRIGGER_FILE)
-  if not os.path.exists(path):
-    return None
-  height, width, channels = image_shape
-  with np.load(path, allow_pickle=False) as f:
-    if "mask" not in f or "pattern" not in f:
-      raise triggers.TriggerError(f"{path}: needs arrays 'mask' and 'pattern', has "
-                                  f"{sorted(f.files)}")
-    mask, pattern = np.asarray(f["mask"], np.float32), np.asarray(f["pattern"], np.float32)
-  if mask.shape != (height, width, 1) or pattern.shape != (height, width, channels):
-    raise triggers.TriggerError(
-        f"{path}: mask {mask.shape} and pattern {pattern.shape} do not fit images of shape "
-        f"{tuple(image_shape)} (expected ({height}, {width}, 1) and {tuple(image_shape)})")
-  for name, array in (("mask", mask), ("pattern", pattern)):
-    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
-      raise triggers.TriggerError(f"{path}: {name} must hold values in [0, 1]")
-  return triggers.Trigger(jnp.asarray(mask), jnp.asarray(pattern))
 
 
 def synthetic_region(trigger: triggers.Trigger) -> np.ndarray:
@@ -110,14 +87,6 @@ def _fingerprint(ctx: RunContext, layers, conditions) -> str:
   return json.dumps({"layers": list(layers), "conditions": list(conditions),
                      "triggers": digest.hexdigest(), "clean_set": len(ctx.split.clean_set_indices),
                      "attention_images": ATTENTION_IMAGES, "norms": list(norms.NORMS)})
-
-
-def _save_npz_atomic(path: str, arrays: dict) -> None:
-  """Writes an .npz so that a reader (or a kill) never sees a half-written file."""
-  with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-    np.savez(f, **arrays)
-    tmp = f.name
-  os.replace(tmp, path)
 
 
 def _analyse_model(ctx, kind, apply_fn, layers, conditions, regions) -> dict[str, np.ndarray]:
@@ -171,7 +140,7 @@ def _model_arrays(ctx, kind, apply_fn, layers, conditions, regions) -> dict[str,
       return saved
     logging.info("analysis/%s: %s was computed from other inputs; recomputing", kind, path)
   arrays = _analyse_model(ctx, kind, apply_fn, layers, conditions, regions)
-  _save_npz_atomic(path, {**arrays, "fingerprint": np.asarray(fingerprint)})
+  files.write_npz(path, **arrays, fingerprint=np.asarray(fingerprint))
   return arrays
 
 
@@ -232,12 +201,12 @@ def run(ctx: RunContext) -> dict:
   layers = _probe_layers(ctx)
   conditions = {"real": ctx.trigger}
   regions = {"real": np.asarray(triggers.region(ctx.trigger))}
-  synthetic = load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape)
-  if synthetic is None:
-    logging.info("analysis: no %s; the synthetic trigger is left out", SYNTHETIC_TRIGGER_FILE)
+  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape)
+  if loaded is None:
+    logging.info("analysis: no synthetic trigger (no class flagged, or no reverse stage)")
   else:
-    conditions["synthetic"] = synthetic
-    regions["synthetic"] = synthetic_region(synthetic)
+    conditions["synthetic"] = loaded[0]
+    regions["synthetic"] = synthetic_region(loaded[0])
   apply_fn = ctx.model().apply  # One function for both models: one compile serves both.
   per_model = {kind: _model_arrays(ctx, kind, apply_fn, layers, conditions, regions)
                for kind in MODEL_KINDS}

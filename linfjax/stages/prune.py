@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 
 import jax
@@ -43,7 +42,7 @@ import tqdm
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import figures, finetune, prune, prune_figures, triggers
+from linfjax import figures, files, finetune, prune, triggers
 from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
@@ -57,21 +56,13 @@ KEY_SALT = 3
 SWEEP_KEYS = ("CA", "ASR_real", "RA_real", "CA_S", "ASR_defender")
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp",
-                                   delete=False) as f:
-    json.dump(obj, f)
-    tmp = f.name
-  os.replace(tmp, path)
-
-
 def _defender(ctx: RunContext, source: str):
   """(trigger, target, mode) the defender uses for `source`, or the reason it is skipped."""
   if source == "real":
     return ctx.trigger, ctx.config.poison.target, ctx.config.poison.mode
   if "reverse" not in ctx.config.stages:
     return NO_REVERSE_STAGE
-  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir)
+  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape)
   if loaded is None:
     return NOT_FLAGGED
   trigger, target = loaded
@@ -146,7 +137,7 @@ def _sweep(ctx, source, model, variables, layer, defender, evaluate) -> dict:
     record["methods"][method] = {"order": order.tolist(),
                                  **{key: results[key][rows].tolist() for key in SWEEP_KEYS}}
   record["seconds"] = time.perf_counter() - started
-  _write_json_atomic(path, record)
+  files.write_json(path, record)
   logging.info("prune/%s: swept %d methods x %d levels of %s in %.1f s", source, len(orders),
                len(counts), layer, record["seconds"])
   return record
@@ -177,7 +168,7 @@ def _fine_tuned(ctx, source, record, method, r_star, model, variables, layer, ev
   numbers = evaluate(tuned[key], mask, f"prune {source} {method} fine-tuned")
   saved = {"r_star": r_star, **{k: float(v[0]) for k, v in numbers.items()}}
   record["fine_tuned"][method] = saved
-  _write_json_atomic(os.path.join(ctx.stage_dir(STAGE), f"sweep_{source}.json"), record)
+  files.write_json(os.path.join(ctx.stage_dir(STAGE), f"sweep_{source}.json"), record)
   return saved
 
 
@@ -198,7 +189,7 @@ def _write_outputs(ctx, source, record, chosen) -> None:
             for method, values in record["methods"].items()}
   title = (f"{source} trigger (target {record['target']}), layer {record['layer']}, "
            f"K={record['num_neurons']}; before fine-tuning")
-  figures.save(prune_figures.pruning_curves(fractions, curves, chosen, title=title),
+  figures.save(figures.pruning_curves(fractions, curves, chosen, title=title),
                os.path.join(stage_dir, f"curves_{source}.png"))
 
 

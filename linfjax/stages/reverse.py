@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import jax
@@ -36,7 +35,7 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from linfjax import checkpoints, reverse, triggers
+from linfjax import checkpoints, files, reverse, triggers
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
@@ -51,33 +50,42 @@ def synthetic_trigger_path(workdir: str) -> str:
   return os.path.join(workdir, STAGE, SYNTHETIC_TRIGGER_FILE)
 
 
-def load_synthetic_trigger(workdir: str) -> tuple[triggers.Trigger, int] | None:
+def load_synthetic_trigger(workdir: str,
+                           image_shape) -> tuple[triggers.Trigger, int] | None:
   """The flagged class's synthetic trigger and that class, or None if no class was flagged.
+
+  Args:
+    workdir: the run directory.
+    image_shape: (H, W, C) of the images the trigger must fit.
 
   Returns:
     (Trigger with mask [H, W, 1] and pattern [H, W, C], target class), from
     `WORKDIR/reverse/synthetic_trigger.npz`; None when that file is absent.
+
+  Raises:
+    triggers.TriggerError: the file lacks an array, or its arrays do not fit the images
+      or leave [0, 1].
   """
   path = synthetic_trigger_path(workdir)
   if not os.path.exists(path):
     return None
+  height, width, channels = image_shape
   with np.load(path, allow_pickle=False) as arrays:
+    missing = {"mask", "pattern", "target"} - set(arrays.files)
+    if missing:
+      raise triggers.TriggerError(f"{path}: lacks arrays {sorted(missing)}; has "
+                                  f"{sorted(arrays.files)}")
     mask = np.asarray(arrays["mask"], np.float32)
     pattern = np.asarray(arrays["pattern"], np.float32)
     target = int(arrays["target"])
-  if mask.ndim != 3 or mask.shape[-1] != 1 or pattern.shape[:2] != mask.shape[:2]:
-    raise ValueError(f"{path}: mask {mask.shape} and pattern {pattern.shape} are not "
-                     "[H, W, 1] and [H, W, C]")
+  if mask.shape != (height, width, 1) or pattern.shape != (height, width, channels):
+    raise triggers.TriggerError(
+        f"{path}: mask {mask.shape} and pattern {pattern.shape} do not fit images of shape "
+        f"{tuple(image_shape)} (expected ({height}, {width}, 1) and {tuple(image_shape)})")
+  for name, array in (("mask", mask), ("pattern", pattern)):
+    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+      raise triggers.TriggerError(f"{path}: {name} must hold values in [0, 1]")
   return triggers.Trigger(jnp.asarray(mask), jnp.asarray(pattern)), target
-
-
-def _save_npz_atomic(path: str, **arrays) -> None:
-  """Writes an .npz so that a reader (or a kill) never sees a half-written file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
-    np.savez(f, **arrays)
-    tmp = f.name
-  os.replace(tmp, path)
 
 
 def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
@@ -154,7 +162,7 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> dict:
   index = np.asarray(reverse.anomaly_index(outcome.mask_l1))
   flagged = reverse.flagged(outcome.mask_l1, threshold=threshold, eligible=outcome.succeeded)
   kind_dir = os.path.join(ctx.stage_dir(STAGE), kind)
-  _save_npz_atomic(os.path.join(kind_dir, "triggers.npz"), masks=outcome.masks,
+  files.write_npz(os.path.join(kind_dir, "triggers.npz"), masks=outcome.masks,
                    patterns=outcome.patterns, mask_l1=outcome.mask_l1, anomaly_index=index,
                    succeeded=outcome.succeeded)
   figure = _figure(outcome, index, flagged, ctx.dataset.class_names)
@@ -194,7 +202,7 @@ def run(ctx: RunContext) -> dict:
           os.remove(path)
       else:
         trigger = outcome.trigger(target)
-        _save_npz_atomic(path, mask=np.asarray(trigger.mask, np.float32),
+        files.write_npz(path, mask=np.asarray(trigger.mask, np.float32),
                          pattern=np.asarray(trigger.pattern, np.float32),
                          target=np.int64(target))
   with open(os.path.join(stage_dir, "metrics.json"), "w") as f:
