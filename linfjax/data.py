@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import pickle
-from typing import Sequence
+from typing import Iterator
 
 import numpy as np
 
@@ -241,6 +241,18 @@ def hold_out_clean_set(num_train: int, size: int, seed: int) -> Split:
   return Split(clean_set_indices=np.sort(order[:size]), train_indices=np.sort(order[size:]))
 
 
-def batches(num: int, batch_size: int) -> Sequence[slice]:
-  """Contiguous slices covering `num` items, the last one possibly short."""
-  return [slice(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+def padded_batches(batch_size: int, *arrays: np.ndarray) -> Iterator[tuple[tuple, int]]:
+  """Fixed-size batches of equally long arrays, the last one zero-padded.
+
+  One shape for every batch means one compiled function serves a whole split.
+
+  Yields:
+    (one [batch_size, ...] batch per array, how many leading rows are real).
+  """
+  for start in range(0, len(arrays[0]), batch_size):
+    batch = tuple(np.asarray(a[start:start + batch_size]) for a in arrays)
+    num_valid = len(batch[0])
+    if num_valid < batch_size:
+      batch = tuple(np.concatenate([b, np.zeros((batch_size - num_valid, *b.shape[1:]), b.dtype)])
+                    for b in batch)
+    yield batch, num_valid

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linfjax import data
+
 
 def gradcam(variables, images: jax.Array, classes: jax.Array, *, apply_fn: Callable,
             layer: str) -> jax.Array:
@@ -90,13 +92,8 @@ def batched_gradcam(apply_fn: Callable, variables, images: np.ndarray, classes: 
   """Grad-CAM over many images in fixed-size (padded) batches: [N, H, W] float32."""
   step = compiled_gradcam(apply_fn, layer)
   maps = []
-  for start in range(0, len(images), batch_size):
-    batch = np.asarray(images[start:start + batch_size], np.float32)
-    batch_classes = np.asarray(classes[start:start + batch_size], np.int32)
-    num_valid = len(batch)
-    if num_valid < batch_size:
-      pad = batch_size - num_valid
-      batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-      batch_classes = np.concatenate([batch_classes, np.zeros(pad, np.int32)])
+  images = np.asarray(images, np.float32)
+  classes = np.asarray(classes, np.int32)
+  for (batch, batch_classes), num_valid in data.padded_batches(batch_size, images, classes):
     maps.append(np.asarray(step(variables, batch, batch_classes))[:num_valid])
   return np.concatenate(maps)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import poison, triggers
+from linfjax import data, poison, triggers
 
 
 def attack_metrics(clean_predictions, triggered_predictions, labels, *, target: int,
@@ -65,11 +65,7 @@ def predict_clean_and_triggered(apply_fn: Callable, variables, images: np.ndarra
   """
   predict = _compiled_predict(apply_fn)
   clean, triggered = [], []
-  for start in range(0, len(images), batch_size):
-    batch = images[start:start + batch_size]
-    valid = len(batch)
-    if valid < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]), batch.dtype)])
+  for (batch,), valid in data.padded_batches(batch_size, images):
     clean_batch, triggered_batch = predict(variables, batch, trigger)
     clean.append(np.asarray(clean_batch)[:valid])
     triggered.append(np.asarray(triggered_batch)[:valid])

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import triggers
+from linfjax import data, triggers
 
 NORMS = ("l1", "l2", "linf")
 # `rel` divides by a neuron's clean norm; a (near-)dead neuron's is floored at this share of
@@ -153,12 +153,7 @@ def norm_statistics(apply_fn: Callable, variables, images: np.ndarray,
   step = _compiled_batch_moments(apply_fn, tuple(norms))
   trigger_list = tuple(trigger_list)
   totals = {}
-  for start in range(0, len(images), batch_size):
-    batch = np.asarray(images[start:start + batch_size])
-    num_valid = len(batch)
-    if num_valid < batch_size:
-      padding = np.zeros((batch_size - num_valid, *batch.shape[1:]), batch.dtype)
-      batch = np.concatenate([batch, padding])
+  for (batch,), num_valid in data.padded_batches(batch_size, images):
     valid = np.arange(batch_size) < num_valid
     for layer, (count, mean, m2) in step(variables, batch, valid, trigger_list).items():
       current = Moments(float(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64))

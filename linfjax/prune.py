@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from linfjax import metrics, norms, triggers
+from linfjax import data, metrics, norms, triggers
 
 SCORES = ("shift", "triggered")
 LEVEL_UNITS = ("fraction", "count")
@@ -239,12 +239,7 @@ def sweep(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray,
   predict = compiled_predictions(apply_fn, layer, mask_batch)
   mask_stack = jnp.asarray(mask_stack, jnp.float32)
   clean, triggered = [], []
-  for start in range(0, len(images), batch_size):
-    batch = np.asarray(images[start:start + batch_size])
-    valid = len(batch)
-    if valid < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - valid, *batch.shape[1:]),
-                                              batch.dtype)])
+  for (batch,), valid in data.padded_batches(batch_size, images):
     predictions = np.asarray(predict(variables, batch, (trigger,), mask_stack))[:, :, :valid]
     clean.append(predictions[:, 0])
     triggered.append(predictions[:, 1])

@@ -118,3 +118,15 @@ def test_channel_stats_match_numpy(cifar_dir):
   pixels = dataset.train_images.reshape(-1, 3) / 255.0
   np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
   np.testing.assert_allclose(std, pixels.std(0), rtol=1e-6)
+
+
+def test_padded_batches_keep_one_shape_and_count_real_rows():
+  images = np.arange(7 * 2).reshape(7, 2).astype(np.uint8)
+  labels = np.arange(7, dtype=np.int32)
+  out = list(data.padded_batches(3, images, labels))
+  assert [valid for _, valid in out] == [3, 3, 1]
+  assert all(b.shape == (3, 2) and c.shape == (3,) for (b, c), _ in out)
+  (last_images, last_labels), _ = out[-1]
+  np.testing.assert_array_equal(last_images, [[12, 13], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(last_labels, [6, 0, 0])
+  assert last_images.dtype == np.uint8

@@ -40,7 +40,7 @@ from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
 STAGE = "reverse"
-MODEL_KINDS = ("backdoored", "vanilla")
+MODEL_KINDS = train_stage.MODEL_KINDS
 SYNTHETIC_TRIGGER_FILE = "synthetic_trigger.npz"
 # Salt of the solve's key (train uses 0 and 1); both models share it.
 KEY_SALT = 2
