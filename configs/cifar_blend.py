@@ -11,8 +11,5 @@ from linfjax import config as config_lib
 
 def get_config(variant: str = ""):
   config = config_lib.base_config()
-  config.trigger.kind = "blend"
-  config.trigger.pattern = "noise"
-  config.trigger.alpha = 0.2
-  config.trigger.noise_seed = 0
+  config.trigger.update(config_lib.TRIGGER_PRESETS["blend"])
   return config_lib.apply_variant(config, variant)

@@ -11,9 +11,5 @@ from linfjax import config as config_lib
 
 def get_config(variant: str = ""):
   config = config_lib.base_config()
-  config.trigger.kind = "patch"
-  config.trigger.size = 3
-  config.trigger.position = "bottom_right"
-  config.trigger.pattern = "solid"
-  config.trigger.color = (1.0, 1.0, 1.0)
+  config.trigger.update(config_lib.TRIGGER_PRESETS["patch"])
   return config_lib.apply_variant(config, variant)

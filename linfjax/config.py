@@ -34,6 +34,16 @@ PRUNE_NORMS = ("linf", "l2", "l1")
 PRUNE_SCORES = ("shift", "triggered")
 PRUNE_LEVEL_UNITS = ("fraction", "count")
 
+# Named trigger settings: what configs/cifar_patch.py and configs/cifar_blend.py use, and
+# what a grid axis `trigger=patch,blend` sets (linfjax/grid.py).
+TRIGGER_PRESETS = {
+    # BadNets: a 3x3 white patch at the bottom-right corner.
+    "patch": dict(kind="patch", size=3, position="bottom_right", pattern="solid",
+                  color=(1.0, 1.0, 1.0)),
+    # Blend: seeded uniform noise mixed in with alpha 0.2 (BackdoorBench's blended default).
+    "blend": dict(kind="blend", pattern="noise", alpha=0.2, noise_seed=0),
+}
+
 # Where the shared CIFAR-10 subset sits relative to a checkout of the repo.
 SHARED_SUBSET = "../shared/data/cifar10-subset"
 
@@ -130,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.prune.fine_pruning = True  # Also run Fine-Pruning (Liu et al., 2018).
   # Ours: masks vmapped together in a sweep call (chunks bound memory; 8 was fastest on CPU).
   config.prune.mask_batch = 8
+
+  # A grid of runs (linfjax/grid.py, linfjax/sweep.py); empty axes: a single run.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.axes = ""  # e.g. "trigger=patch,blend poison.rate=0.05,0.1 seed=0,1,2".
+  # Models trained in lockstep (vmapped over runs) per device. 1: one after another on a
+  # single device, the measured fastest on CPU (benchmarks/grid.py); with several devices
+  # the runs axis is sharded over them, one model per device at a time.
+  config.sweep.models_per_device = 1
   return config
 
 
@@ -277,6 +295,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int(config, "reverse.checkpoint_every", 1)
 
   _validate_prune(config)
+  if not isinstance(config.sweep.axes, str):
+    _fail("sweep.axes", f"must be a string such as 'seed=0,1,2 poison.rate=0.05,0.1', "
+          f"got {config.sweep.axes!r}")
+  _check_int(config, "sweep.models_per_device", 1)
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:

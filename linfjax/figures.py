@@ -153,3 +153,36 @@ def pruning_curves(fractions: np.ndarray, curves: Mapping[str, Mapping[str, np.n
       axes.legend(fontsize="small", title="circles: r*", title_fontsize="small")
   figure.suptitle(title)
   return figure
+
+
+def mean_ci_lines(x: Sequence, panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+                  *, xlabel: str, title: str) -> Figure:
+  """One panel per percentage: a line per group through its means, error bars = CI half-widths.
+
+  Args:
+    x: [points] the x values; numbers give a numeric axis, anything else evenly spaced
+      categories labelled with `str`.
+    panels: panel's y label (e.g. 'CA (%)'; the axis spans 0-100) -> line label (e.g.
+      'trigger=patch') -> ([points] means, [points] CI half-widths); a NaN mean leaves a
+      gap, a NaN half-width (fewer than two runs) draws no bar.
+    xlabel: the x axis's label.
+    title: the figure's title.
+  """
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+  positions = np.asarray(x, float) if numeric else np.arange(len(x), dtype=float)
+  figure = _figure(4.4 * len(panels), 3.6)
+  for p, (ylabel, lines) in enumerate(panels.items()):
+    axes = figure.add_subplot(1, len(panels), p + 1)
+    for label, (means, half_widths) in lines.items():
+      axes.errorbar(positions, means, yerr=np.nan_to_num(np.asarray(half_widths, float)),
+                    marker="o", markersize=4, capsize=3, label=label)
+    if not numeric:
+      axes.set_xticks(positions, [str(v) for v in x])
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(-2, 102)
+    axes.grid(alpha=0.3)
+    if p == 0:
+      axes.legend(fontsize="small")
+  figure.suptitle(title)
+  return figure

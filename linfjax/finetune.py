@@ -77,13 +77,6 @@ def compiled_step(padding: int, flip: bool) -> Callable:
   return jax.jit(functools.partial(masked_step, padding=padding, flip=flip), donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=None)
-def _optimizer(recipe: Recipe, total_steps: int) -> optax.GradientTransformation:
-  """One optimizer object per recipe: the train state holds it as static data, so a new
-  object would recompile the step for every fine-tuned model."""
-  return train.make_optimizer(recipe, total_steps)
-
-
 def fine_tune(model: models.LayeredClassifier, variables, images: np.ndarray,
               labels: np.ndarray, mask_dict: Mapping[str, np.ndarray], recipe: Recipe, *,
               key: jax.Array) -> dict:
@@ -102,7 +95,7 @@ def fine_tune(model: models.LayeredClassifier, variables, images: np.ndarray,
   """
   batch_size = min(recipe.batch_size, len(labels))
   steps = train.steps_per_epoch(len(labels), batch_size)
-  tx = _optimizer(recipe, recipe.epochs * steps)
+  tx = train.make_optimizer(recipe, recipe.epochs * steps)
   copy = jax.tree.map(jnp.array, variables)  # The step donates its state.
   state = train.create_state(model, copy, tx)
   step_fn = compiled_step(recipe.padding, recipe.flip)

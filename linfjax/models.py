@@ -215,8 +215,14 @@ MODELS: dict[str, Callable[..., LayeredClassifier]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def create(name: str, **kwargs) -> LayeredClassifier:
-  """Builds a model by name; an unknown name lists the known ones."""
+  """Builds a model by name; an unknown name lists the known ones.
+
+  The same settings return the same module object. Jitted functions are cached by
+  `model.apply`, and bound methods of distinct objects never compare equal, so this is
+  what lets every run of a grid reuse one compilation (the arguments must be hashable).
+  """
   if name not in MODELS:
     raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
   return MODELS[name](**kwargs)

@@ -56,25 +56,41 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
   return differences
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates the work directory and its config.json, or checks that it matches."""
-  os.makedirs(workdir, exist_ok=True)
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises WorkdirError when `workdir` holds a run of a different config."""
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
   if os.path.exists(path):
-    differences = _config_differences(_read_json(path), current)
+    differences = _config_differences(_read_json(path), json.loads(config.to_json()))
     if differences:
       raise WorkdirError(
           f"{workdir} holds a run of a different config ({'; '.join(differences[:5])}). "
           "Use a new --workdir, or delete this one to start over.")
-  else:
-    files.write_json(path, current)
 
 
-def make_context(config: ml_collections.ConfigDict, workdir: str, *,
-                 progress: bool = True) -> RunContext:
-  """Loads the data, checks the config against it, and builds the trigger."""
-  dataset = data.load(config.data)
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates the work directory and its config.json, or checks that it matches."""
+  check_workdir(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    files.write_json(path, json.loads(config.to_json()))
+
+
+def read_results(workdir: str) -> dict | None:
+  """The run's results.json, or None before its first stage finishes."""
+  path = os.path.join(workdir, "results.json")
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  results = read_results(workdir)
+  return results is not None and all(stage in results for stage in config.stages)
+
+
+def make_context(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+                 dataset: data.Dataset | None = None) -> RunContext:
+  """Loads the data (unless given), checks the config against it, and builds the trigger."""
+  dataset = data.load(config.data) if dataset is None else dataset
   config_lib.validate_against_data(config, image_shape=dataset.image_shape,
                                    num_classes=dataset.num_classes,
                                    num_train=len(dataset.train_labels))
@@ -85,12 +101,16 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
                     trigger=trigger, progress=progress)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-  """Validates the config, then runs every unfinished stage; returns results.json's content."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+        dataset: data.Dataset | None = None) -> dict:
+  """Validates the config, then runs every unfinished stage; returns results.json's content.
+
+  `dataset`, when given, is `config.data` already loaded (a grid loads it once).
+  """
   config_lib.validate(config)
   prepare_workdir(config, workdir)
   results_path = os.path.join(workdir, "results.json")
-  results = _read_json(results_path) if os.path.exists(results_path) else {"seed": config.seed}
+  results = read_results(workdir) or {"seed": config.seed}
   pending = [stage for stage in config.stages if stage not in results]
   for stage in config.stages:
     if stage not in pending:
@@ -98,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if not pending:
     report.write_report(workdir)
     return results
-  ctx = make_context(config, workdir, progress=progress)
+  ctx = make_context(config, workdir, progress=progress, dataset=dataset)
   for stage in pending:
     logging.info("stage %s: running", stage)
     results[stage] = STAGES[stage](ctx)

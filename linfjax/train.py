@@ -51,10 +51,19 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformation:
   """SGD with momentum, coupled weight decay (as torch.optim.SGD) and cosine decay."""
-  schedule = optax.cosine_decay_schedule(train_config.learning_rate, max(1, total_steps))
+  return _optimizer(float(train_config.learning_rate), float(train_config.momentum),
+                    float(train_config.weight_decay), max(1, int(total_steps)))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(learning_rate: float, momentum: float, weight_decay: float,
+               total_steps: int) -> optax.GradientTransformation:
+  """One object per setting: the train state holds the optimizer as static data, so a
+  new object for the same setting would recompile the step for every model of a grid."""
+  schedule = optax.cosine_decay_schedule(learning_rate, total_steps)
   return optax.chain(
-      optax.add_decayed_weights(train_config.weight_decay),
-      optax.sgd(schedule, momentum=train_config.momentum or None),
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(schedule, momentum=momentum or None),
   )
 
 

@@ -10,6 +10,7 @@ Returns the `train` entry of results.json (METHOD.md, "Results file").
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from linfjax import checkpoints, metrics, models, poison, train
+from linfjax import checkpoints, metrics, models, poison, train, triggers
 from linfjax.stages.context import RunContext
 
 MODEL_KINDS = ("backdoored", "vanilla")
@@ -63,15 +64,42 @@ def load_trained(ctx: RunContext, kind: str):
   return model, train.variables(state)
 
 
-def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, log: dict):
-  cfg = ctx.config.train
+@dataclasses.dataclass
+class ModelPlan:
+  """Everything needed to train (or resume) one of a run's models.
+
+  `state` is restored from the latest checkpoint in `store`, if any, and `start_epoch`
+  counts the epochs already done. The grid's lockstep trainer (linfjax/sweep.py) trains
+  the plans of several runs together and saves into the same stores, so this stage
+  then finds those models finished.
+  """
+  kind: str
+  model: models.LayeredClassifier
+  state: train.TrainState
+  data: train.DeviceData
+  trigger: triggers.Trigger
+  key: jax.Array
+  store: checkpoints.StageCheckpoints
+  start_epoch: int
+
+
+def plan(ctx: RunContext, kind: str, training_set: poison.PoisonedSet) -> ModelPlan:
   model, state = _initial_state(ctx, len(training_set.labels))
   store = checkpoints.StageCheckpoints(checkpoint_dir(ctx.workdir, kind))
   start_epoch = store.latest_step() or 0
   if start_epoch:
     state = store.restore(state)
+  key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1)
+  return ModelPlan(kind, model, state, train.to_device(training_set), ctx.trigger, key, store,
+                   start_epoch)
+
+
+def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, log: dict):
+  cfg = ctx.config.train
+  model_plan = plan(ctx, kind, training_set)
+  store, start_epoch = model_plan.store, model_plan.start_epoch
+  if start_epoch:
     logging.info("train/%s: resuming after epoch %d of %d", kind, start_epoch, cfg.epochs)
-  recipe = train.Recipe.from_config(cfg)
   steps = train.steps_per_epoch(len(training_set.labels), cfg.batch_size)
   bar = tqdm.tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, unit="step",
                   desc=f"train {kind}", disable=not ctx.progress, leave=False)
@@ -85,14 +113,13 @@ def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, l
     logging.info("train/%s: epoch %d/%d loss %.4f accuracy %.4f", kind, epoch + 1, cfg.epochs,
                  epoch_metrics["loss"], epoch_metrics["accuracy"])
 
-  key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1)
-  state = train.fit(state, train.to_device(training_set), ctx.trigger, recipe, key=key,
-                    start_epoch=start_epoch, on_epoch_end=on_epoch_end,
+  state = train.fit(model_plan.state, model_plan.data, ctx.trigger, train.Recipe.from_config(cfg),
+                    key=model_plan.key, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
                     on_step=lambda: bar.update(1))
   bar.close()
   store.close()
   log["seconds"] = time.perf_counter() - started
-  return model, train.variables(state)
+  return model_plan.model, train.variables(state)
 
 
 def run(ctx: RunContext) -> dict:

@@ -1,0 +1,185 @@
+"""Runs a grid of runs (linfjax/grid.py) in one process: data loaded once, compiled once.
+
+The grid directory holds:
+  grid.json            the axes and the runs (names and values), rewritten on every start;
+  runs/<name>/         one complete single-run directory per run (linfjax/pipeline.py), so
+                       every single-run tool and report works on it;
+  runs/<name>/error.json  the error of a run's last failed attempt (removed on success);
+  grid.csv, aggregates.csv, figures/, grid_report.html   the grid report (grid_report.py).
+
+Every run config is expanded and validated, each distinct dataset loaded once, and every
+run checked against its data and its directory before any compute. The runs then go
+one after another through `pipeline.run`; the jitted functions are cached by shape and
+settings (models and optimizers are shared objects), so a run of the same shapes as an
+earlier one compiles nothing. With several devices (or `sweep.models_per_device` > 1),
+the pending runs' models are first trained in lockstep over a device mesh
+(linfjax/lockstep.py) and the runs then find them trained. A failed run is recorded and
+the others go on; a rerun does only the unfinished runs. `shard=(i, n)` keeps runs
+i, i+n, ...: several processes or hosts share a grid, each writing only its own runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+
+import jax
+import ml_collections
+import tqdm
+from absl import logging
+
+from linfjax import config as config_lib
+from linfjax import data, files, grid, grid_report, lockstep, pipeline, train
+from linfjax.stages import train as train_stage
+
+
+def run_dir(workdir: str, run: grid.Run) -> str:
+  return os.path.join(workdir, "runs", run.name)
+
+
+def error_path(workdir: str, run: grid.Run) -> str:
+  return os.path.join(run_dir(workdir, run), "error.json")
+
+
+def _load_datasets(runs: list[grid.Run]) -> dict[str, data.Dataset]:
+  """Each distinct data block loaded once, keyed by its JSON."""
+  datasets = {}
+  for run in runs:
+    key = run.config.data.to_json()
+    if key not in datasets:
+      datasets[key] = data.load(run.config.data)
+  return datasets
+
+
+def _dataset(datasets: dict[str, data.Dataset], run: grid.Run) -> data.Dataset:
+  return datasets[run.config.data.to_json()]
+
+
+def _check_runs(workdir: str, runs: list[grid.Run], datasets: dict[str, data.Dataset]) -> None:
+  """Every run against its data and its directory, before any compute."""
+  for run in runs:
+    dataset = _dataset(datasets, run)
+    try:
+      config_lib.validate_against_data(run.config, image_shape=dataset.image_shape,
+                                       num_classes=dataset.num_classes,
+                                       num_train=len(dataset.train_labels))
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f"grid run {run.name}: {e}") from None
+    pipeline.check_workdir(run.config, run_dir(workdir, run))
+
+
+def _train_signature(config: ml_collections.ConfigDict) -> str:
+  """Runs whose models can train in lockstep: same data, model and recipe."""
+  return json.dumps([json.loads(config[block].to_json()) for block in ("data", "model", "train")])
+
+
+def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device: int,
+                    progress: bool) -> None:
+  """Trains the unfinished models of `runs` together, group by group, into their stores."""
+  mesh = lockstep.make_mesh()
+  group_size = mesh.devices.size * per_device
+  plans = []
+  for run in runs:
+    if "train" not in run.config.stages or pipeline.is_finished(run.config, run_dir(workdir, run)):
+      continue
+    pipeline.prepare_workdir(run.config, run_dir(workdir, run))
+    ctx = pipeline.make_context(run.config, run_dir(workdir, run), progress=False,
+                                dataset=_dataset(datasets, run))
+    sets = train_stage.training_sets(ctx)
+    for kind in train_stage.MODEL_KINDS:
+      model_plan = train_stage.plan(ctx, kind, sets[kind])
+      if model_plan.start_epoch < run.config.train.epochs:
+        plans.append((run, model_plan))
+  groups: dict[tuple, list] = {}
+  for run, model_plan in plans:
+    signature = (_train_signature(run.config), model_plan.start_epoch)
+    groups.setdefault(signature, []).append((run, model_plan))
+  for members in groups.values():
+    for first in range(0, len(members), group_size):
+      _train_group(members[first:first + group_size], mesh, progress=progress)
+
+
+def _train_group(members: list, mesh, *, progress: bool) -> None:
+  run, first_plan = members[0]
+  recipe = train.Recipe.from_config(run.config.train)
+  steps = train.steps_per_epoch(first_plan.data.labels.shape[0], recipe.batch_size)
+  names = ", ".join(f"{member_run.name}/{model_plan.kind}" for member_run, model_plan in members)
+  logging.info("grid: training %d models in lockstep over %d devices: %s", len(members),
+               mesh.devices.size, names)
+  bar = tqdm.tqdm(total=(recipe.epochs - first_plan.start_epoch) * steps, unit="step",
+                  desc=f"lockstep x{len(members)}", disable=not progress, leave=False)
+
+  def on_epoch_end(epoch, states, epoch_metrics):
+    for (_, model_plan), state in zip(members, states):
+      model_plan.store.save(epoch + 1, state)
+    logging.info("grid: lockstep epoch %d/%d, mean loss %.4f", epoch + 1, recipe.epochs,
+                 sum(m["loss"] for m in epoch_metrics) / len(epoch_metrics))
+
+  model_plans = [model_plan for _, model_plan in members]
+  lockstep.fit([p.state for p in model_plans], [p.data for p in model_plans],
+               [p.trigger for p in model_plans], [p.key for p in model_plans], recipe,
+               mesh=mesh, start_epoch=first_plan.start_epoch, on_epoch_end=on_epoch_end,
+               on_step=lambda: bar.update(1))
+  bar.close()
+  for model_plan in model_plans:
+    model_plan.store.close()
+
+
+def _record_failure(workdir: str, run: grid.Run, error: Exception) -> None:
+  os.makedirs(run_dir(workdir, run), exist_ok=True)
+  files.write_json(error_path(workdir, run), {
+      "error": type(error).__name__, "message": str(error),
+      "traceback": traceback.format_exc(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, int] = (0, 1),
+        progress: bool = True) -> dict:
+  """Runs this shard's unfinished runs of the grid; returns {run name: status}.
+
+  Raises:
+    config_lib.ConfigError: a bad axis or run config (before any compute).
+    pipeline.WorkdirError: a run directory holds a different config (before any compute).
+  """
+  config_lib.validate(config)
+  axes = grid.parse_axes(config)
+  runs = grid.expand(config)
+  shard_index, shard_count = shard
+  mine = runs[shard_index::shard_count]
+  datasets = _load_datasets(mine)
+  _check_runs(workdir, mine, datasets)
+  os.makedirs(workdir, exist_ok=True)
+  files.write_json(os.path.join(workdir, "grid.json"), grid.describe(axes, runs))
+  pending = [r for r in mine if not pipeline.is_finished(r.config, run_dir(workdir, r))]
+  logging.info("grid: %d runs, %d in shard %d/%d, %d unfinished", len(runs), len(mine),
+               shard_index, shard_count, len(pending))
+  per_device = config.sweep.models_per_device
+  if pending and (len(jax.local_devices()) > 1 or per_device > 1):
+    _lockstep_train(workdir, pending, datasets, per_device=per_device, progress=progress)
+  pending_names = {r.name for r in pending}
+  statuses = {r.name: "finished" for r in mine if r.name not in pending_names}
+  started = time.perf_counter()
+  bar = tqdm.tqdm(total=len(pending), unit="run", desc="grid", disable=not progress)
+  for done, run_item in enumerate(pending):
+    logging.info("grid: running %s (%d of %d unfinished)", run_item.name, done + 1, len(pending))
+    try:
+      pipeline.run(run_item.config, run_dir(workdir, run_item), progress=False,
+                   dataset=_dataset(datasets, run_item))
+    except Exception as error:  # One run's failure must not stop the grid.
+      logging.exception("grid: run %s failed", run_item.name)
+      _record_failure(workdir, run_item, error)
+      statuses[run_item.name] = "failed"
+    else:
+      if os.path.exists(error_path(workdir, run_item)):
+        os.remove(error_path(workdir, run_item))
+      statuses[run_item.name] = "finished"
+    bar.update(1)
+    elapsed = time.perf_counter() - started
+    left = len(pending) - done - 1
+    failed = sum(status == "failed" for status in statuses.values())
+    logging.info("grid: %d finished, %d failed, %d left in this shard; about %.1f min left",
+                 len(statuses) - failed, failed, left, elapsed / (done + 1) * left / 60)
+  bar.close()
+  grid_report.write_grid_report(workdir)
+  return statuses
