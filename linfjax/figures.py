@@ -8,11 +8,14 @@ Nothing here knows about stages or runs.
 
 from __future__ import annotations
 
+import io
 from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from linfjax import files
 
 MODEL_COLORS = {"backdoored": "tab:red", "vanilla": "tab:blue"}
 
@@ -24,8 +27,10 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def save(figure: Figure, path: str) -> str:
-  """Writes `figure` as a PNG at `path`; returns the path."""
-  figure.savefig(path, format="png")
+  """Writes `figure` as a PNG at `path`, atomically (grid shards may write at once)."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png")
+  files.write_bytes(path, buffer.getvalue())
   return path
 
 

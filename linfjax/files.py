@@ -29,6 +29,16 @@ def write_json(path: str, obj) -> None:
     json.dump(obj, f, indent=1)
 
 
+def write_text(path: str, text: str) -> None:
+  with _replacing(path, "w") as f:
+    f.write(text)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with _replacing(path, "wb") as f:
+    f.write(data)
+
+
 def write_npz(path: str, **arrays) -> None:
   with _replacing(path, "wb") as f:
     np.savez(f, **arrays)

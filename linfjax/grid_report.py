@@ -40,7 +40,7 @@ import numpy as np
 import scipy.stats
 from absl import app, logging
 
-from linfjax import figures, report
+from linfjax import figures, files, report
 
 GRID_FILE = "grid.json"
 ERROR_FILE = "error.json"
@@ -213,18 +213,11 @@ def _cell(value: Any) -> str:
   return json.dumps(value, sort_keys=True)
 
 
-def _write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
   buffer = io.StringIO()
   csv.writer(buffer, lineterminator="\n").writerows(
       [_cell(value) for value in row] for row in [header, *rows])
-  _write(path, buffer.getvalue())
+  files.write_text(path, buffer.getvalue())
 
 
 def _methods(columns: Sequence[str], source: str) -> list[str]:
@@ -380,7 +373,7 @@ def write_grid_report(grid_dir: str) -> str:
                *(row.stats[c][s] for c in measured for s in STATS)] for row in aggregates])
   pngs, figure_note = _write_figures(grid_dir, axes, aggregates, measured)
   path = os.path.join(grid_dir, HTML_FILE)
-  _write(path, render(grid_dir, axes, runs, aggregates, measured, pngs, figure_note))
+  files.write_text(path, render(grid_dir, axes, runs, aggregates, measured, pngs, figure_note))
   logging.info("grid report %s: %s", path, ", ".join(
       f"{sum(r.status == s for r in runs)} {s}" for s in STATUSES))
   return path
