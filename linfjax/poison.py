@@ -56,10 +56,14 @@ def select_poison_indices(labels: np.ndarray, *, rate: float, target: int, mode:
 
 
 def poisoned_labels(labels: np.ndarray, *, mode: str, target: int, num_classes: int):
-  """The label a poisoned example is trained on: `y_t` (all-to-one) or `(y + 1) mod C`."""
-  labels = jnp.asarray(labels)
+  """The label a poisoned example is trained on: `y_t` (all-to-one) or `(y + 1) mod C`.
+
+  NumPy, not jnp: the number of poisoned examples changes with the poison rate, and an
+  eager jnp op compiles once per shape, so a grid over rates would recompile.
+  """
+  labels = np.asarray(labels)
   if mode == "all_to_one":
-    return jnp.full_like(labels, target)
+    return np.full_like(labels, target)
   if mode == "all_to_all":
     return (labels + 1) % num_classes
   raise ValueError(f"unknown poison mode {mode!r}; known: all_to_one, all_to_all")

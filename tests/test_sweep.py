@@ -36,13 +36,8 @@ def tiny_grid(cifar_dir, axes):
   return config
 
 
-def read_results(directory):
-  with open(os.path.join(directory, "results.json")) as f:
-    return json.load(f)
-
-
-def test_grid_equals_separate_runs_and_compiles_once(cifar_dir, tmp_path, monkeypatch):
-  config = tiny_grid(cifar_dir, "seed=0,1 poison.target=2,5")
+def count_compiles_per_run(monkeypatch) -> list[int]:
+  """Patches pipeline.run to append each run's number of XLA compilations to the list."""
   compiles_per_run = []
   real_run = pipeline.run
 
@@ -53,6 +48,17 @@ def test_grid_equals_separate_runs_and_compiles_once(cifar_dir, tmp_path, monkey
     return result
 
   monkeypatch.setattr(pipeline, "run", counting_run)
+  return compiles_per_run
+
+
+def read_results(directory):
+  with open(os.path.join(directory, "results.json")) as f:
+    return json.load(f)
+
+
+def test_grid_equals_separate_runs_and_compiles_once(cifar_dir, tmp_path, monkeypatch):
+  config = tiny_grid(cifar_dir, "seed=0,1 poison.target=2,5")
+  compiles_per_run = count_compiles_per_run(monkeypatch)
   statuses = sweep.run(config, str(tmp_path / "grid"), progress=False)
   assert list(statuses) == ["seed=0,poison.target=2", "seed=0,poison.target=5",
                             "seed=1,poison.target=2", "seed=1,poison.target=5"]
@@ -68,12 +74,24 @@ def test_grid_equals_separate_runs_and_compiles_once(cifar_dir, tmp_path, monkey
 
   separate = tiny_grid(cifar_dir, "")
   separate.seed, separate.poison.target = 1, 5
-  alone = real_run(separate, str(tmp_path / "alone"), progress=False)
+  monkeypatch.undo()
+  alone = pipeline.run(separate, str(tmp_path / "alone"), progress=False)
   in_grid = read_results(tmp_path / "grid" / "runs" / "seed=1,poison.target=5")
   assert in_grid == alone
   with open(tmp_path / "grid" / "runs" / "seed=1,poison.target=5" / "config.json") as f:
     assert json.load(f)["poison"]["target"] == 5
   assert (tmp_path / "grid" / "grid_report.html").exists()
+
+
+def test_poison_rate_and_trigger_parameters_do_not_recompile(cifar_dir, tmp_path, monkeypatch):
+  config = tiny_grid(cifar_dir, "poison.rate=0.1,0.3 trigger.size=2,4")
+  config.stages = ("train",)
+  compiles_per_run = count_compiles_per_run(monkeypatch)
+  sweep.run(config, str(tmp_path / "grid"), progress=False)
+  poisoned = [read_results(tmp_path / "grid" / "runs" / name)["train"]["poisoned"]
+              for name in ("poison.rate=0.1,trigger.size=2", "poison.rate=0.3,trigger.size=4")]
+  assert poisoned == [8, 24]
+  assert compiles_per_run[1:] == [0, 0, 0]
 
 
 def test_failed_run_is_recorded_and_retried(cifar_dir, tmp_path, monkeypatch):
