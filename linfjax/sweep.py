@@ -77,54 +77,64 @@ def _train_signature(config: ml_collections.ConfigDict) -> str:
 
 def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device: int,
                     progress: bool) -> None:
-  """Trains the unfinished models of `runs` together, group by group, into their stores."""
+  """Trains the unfinished models of `runs` together, group by group, into their stores.
+
+  Models group by training signature and epochs already done; a group holds one model
+  per device times `per_device`, and only its own data is on the devices. A group that
+  fails is logged and left to the runs themselves, which then record their errors.
+  """
   mesh = lockstep.make_mesh()
   group_size = mesh.devices.size * per_device
-  plans = []
-  for run in runs:
-    if "train" not in run.config.stages or pipeline.is_finished(run.config, run_dir(workdir, run)):
-      continue
-    pipeline.prepare_workdir(run.config, run_dir(workdir, run))
-    ctx = pipeline.make_context(run.config, run_dir(workdir, run), progress=False,
-                                dataset=_dataset(datasets, run))
-    sets = train_stage.training_sets(ctx)
-    for kind in train_stage.MODEL_KINDS:
-      model_plan = train_stage.plan(ctx, kind, sets[kind])
-      if model_plan.start_epoch < run.config.train.epochs:
-        plans.append((run, model_plan))
   groups: dict[tuple, list] = {}
-  for run, model_plan in plans:
-    signature = (_train_signature(run.config), model_plan.start_epoch)
-    groups.setdefault(signature, []).append((run, model_plan))
+  for run in runs:
+    if "train" not in run.config.stages:
+      continue
+    for kind in train_stage.MODEL_KINDS:
+      done = train_stage.epochs_done(run_dir(workdir, run), kind)
+      if done < run.config.train.epochs:
+        groups.setdefault((_train_signature(run.config), done), []).append((run, kind))
   for members in groups.values():
     for first in range(0, len(members), group_size):
-      _train_group(members[first:first + group_size], mesh, progress=progress)
+      chunk = members[first:first + group_size]
+      try:
+        _train_group(workdir, chunk, datasets, mesh, progress=progress)
+      except Exception:  # The runs retry on their own and record what fails.
+        logging.exception("grid: lockstep training of %s failed; the runs will train alone",
+                          ", ".join(f"{run.name}/{kind}" for run, kind in chunk))
 
 
-def _train_group(members: list, mesh, *, progress: bool) -> None:
-  run, first_plan = members[0]
-  recipe = train.Recipe.from_config(run.config.train)
-  steps = train.steps_per_epoch(first_plan.data.labels.shape[0], recipe.batch_size)
-  names = ", ".join(f"{member_run.name}/{model_plan.kind}" for member_run, model_plan in members)
+def _train_group(workdir: str, members: list, datasets, mesh, *, progress: bool) -> None:
+  plans, contexts = [], {}
+  for run, kind in members:
+    if run.name not in contexts:
+      pipeline.prepare_workdir(run.config, run_dir(workdir, run))
+      ctx = pipeline.make_context(run.config, run_dir(workdir, run), progress=False,
+                                  dataset=_dataset(datasets, run))
+      contexts[run.name] = (ctx, train_stage.training_sets(ctx))
+    ctx, sets = contexts[run.name]
+    plans.append(train_stage.plan(ctx, kind, sets[kind]))
+  recipe = train.Recipe.from_config(members[0][0].config.train)
+  start_epoch = plans[0].start_epoch
+  steps = train.steps_per_epoch(plans[0].data.labels.shape[0], recipe.batch_size)
   logging.info("grid: training %d models in lockstep over %d devices: %s", len(members),
-               mesh.devices.size, names)
-  bar = tqdm.tqdm(total=(recipe.epochs - first_plan.start_epoch) * steps, unit="step",
+               mesh.devices.size, ", ".join(f"{run.name}/{kind}" for run, kind in members))
+  bar = tqdm.tqdm(total=(recipe.epochs - start_epoch) * steps, unit="step",
                   desc=f"lockstep x{len(members)}", disable=not progress, leave=False)
 
   def on_epoch_end(epoch, states, epoch_metrics):
-    for (_, model_plan), state in zip(members, states):
+    for model_plan, state in zip(plans, states):
       model_plan.store.save(epoch + 1, state)
     logging.info("grid: lockstep epoch %d/%d, mean loss %.4f", epoch + 1, recipe.epochs,
                  sum(m["loss"] for m in epoch_metrics) / len(epoch_metrics))
 
-  model_plans = [model_plan for _, model_plan in members]
-  lockstep.fit([p.state for p in model_plans], [p.data for p in model_plans],
-               [p.trigger for p in model_plans], [p.key for p in model_plans], recipe,
-               mesh=mesh, start_epoch=first_plan.start_epoch, on_epoch_end=on_epoch_end,
-               on_step=lambda: bar.update(1))
-  bar.close()
-  for model_plan in model_plans:
-    model_plan.store.close()
+  try:
+    lockstep.fit([p.state for p in plans], [p.data for p in plans], [p.trigger for p in plans],
+                 [p.key for p in plans], recipe, mesh=mesh, start_epoch=start_epoch,
+                 on_epoch_end=on_epoch_end, on_step=lambda: bar.update(1))
+  finally:
+    bar.close()
+    for model_plan in plans:
+      model_plan.store.close()
 
 
 def _record_failure(workdir: str, run: grid.Run, error: Exception) -> None:

@@ -12,7 +12,7 @@ import pytest
 from jax import monitoring
 
 from linfjax import config as config_lib
-from linfjax import pipeline, sweep
+from linfjax import lockstep, pipeline, sweep
 from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
 
@@ -224,3 +224,28 @@ def test_sharded_over_8_devices_equals_unsharded(cifar_dir, tmp_path):
       lockstep = _trained_params(run_config, os.path.join(sharded, "runs", f"seed={seed}"), kind)
       differences = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), alone, lockstep)
       assert max(jax.tree.leaves(differences)) < 1e-3, (seed, kind)
+
+
+def test_lockstep_on_one_device_and_its_failure_falls_back_to_single_runs(cifar_dir, tmp_path,
+                                                                          monkeypatch):
+  config = tiny_grid(cifar_dir, "seed=0,1")
+  config.stages = ("train",)
+  config.sweep.models_per_device = 2
+  groups = []
+  real_fit = lockstep.fit
+  monkeypatch.setattr(lockstep, "fit",
+                      lambda states, *a, **k: groups.append(len(states)) or real_fit(states, *a, **k))
+  assert set(sweep.run(config, str(tmp_path / "lockstep"), progress=False).values()) == {"finished"}
+  assert groups == [2, 2]  # Two models per group on the one device.
+
+  def broken_fit(*args, **kwargs):
+    raise RuntimeError("device lost")
+
+  monkeypatch.setattr(lockstep, "fit", broken_fit)
+  statuses = sweep.run(config, str(tmp_path / "fallback"), progress=False)
+  assert statuses == {"seed=0": "finished", "seed=1": "finished"}
+  for name in ("seed=0", "seed=1"):
+    together = read_results(tmp_path / "lockstep" / "runs" / name)["train"]
+    alone = read_results(tmp_path / "fallback" / "runs" / name)["train"]
+    for kind in ("backdoored", "vanilla"):
+      assert abs(together[kind]["CA"] - alone[kind]["CA"]) <= 100 / 30 + 1e-6, (name, kind)

@@ -51,6 +51,14 @@ def checkpoint_dir(workdir: str, kind: str) -> str:
   return os.path.join(workdir, "train", kind)
 
 
+def epochs_done(workdir: str, kind: str) -> int:
+  """Epochs of the `kind` model saved in `workdir` (0 before the first)."""
+  store = checkpoints.StageCheckpoints(checkpoint_dir(workdir, kind))
+  done = store.latest_step() or 0
+  store.close()
+  return done
+
+
 def load_trained(ctx: RunContext, kind: str):
   """The finished `kind` model ('backdoored' or 'vanilla') and its variables."""
   model, state = _initial_state(ctx, len(ctx.split.train_indices))
