@@ -9,6 +9,7 @@ what is wrong.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -39,8 +40,12 @@ class Dataset:
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.train_images.shape[1:])
 
+  @functools.cached_property
   def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of the training images in [0, 1] (the model's input layer)."""
+    """Per-channel mean and std of the training images in [0, 1] (the model's input layer).
+
+    Computed once per dataset: every model a run (or a grid) builds asks for it.
+    """
     pixels = self.train_images.reshape(-1, self.train_images.shape[-1]).astype(np.float64) / 255.0
     return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1e-3).tolist())
 

@@ -114,7 +114,7 @@ def test_limits_slice_both_splits(cifar_dir):
 
 def test_channel_stats_match_numpy(cifar_dir):
   dataset = data.load_cifar10_dir(cifar_dir)
-  mean, std = dataset.channel_stats()
+  mean, std = dataset.channel_stats
   pixels = dataset.train_images.reshape(-1, 3) / 255.0
   np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
   np.testing.assert_allclose(std, pixels.std(0), rtol=1e-6)

@@ -29,7 +29,7 @@ class RunContext:
 
   def model(self, **overrides) -> models.LayeredClassifier:
     """The config's model for this dataset (normalised with the training images' statistics)."""
-    mean, std = self.dataset.channel_stats()
+    mean, std = self.dataset.channel_stats
     kwargs = dict(num_classes=self.dataset.num_classes, width=self.config.model.width,
                   mean=mean, std=std, probe_layers=tuple(self.config.model.probe_layers),
                   dtype=jnp.dtype(self.config.train.compute_dtype))
