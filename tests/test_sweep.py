@@ -58,6 +58,7 @@ def read_results(directory):
 
 def test_grid_equals_separate_runs_and_compiles_once(cifar_dir, tmp_path, monkeypatch):
   config = tiny_grid(cifar_dir, "seed=0,1 poison.target=2,5")
+  jax.clear_caches()  # Earlier tests compiled the same shapes; the first run must compile.
   compiles_per_run = count_compiles_per_run(monkeypatch)
   statuses = sweep.run(config, str(tmp_path / "grid"), progress=False)
   assert list(statuses) == ["seed=0,poison.target=2", "seed=0,poison.target=5",
