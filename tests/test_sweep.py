@@ -17,6 +17,7 @@ from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
 
 COMPILES = collections.Counter()
+REAL_RUN = pipeline.run
 
 
 def _count_compiles(event, duration, **kwargs):
@@ -95,28 +96,32 @@ def test_poison_rate_and_trigger_parameters_do_not_recompile(cifar_dir, tmp_path
   assert compiles_per_run[1:] == [0, 0, 0]
 
 
+def record_runs(monkeypatch, *, fail_seed=None, error=None) -> list[int]:
+  """Patches pipeline.run to record each run's seed and raise `error` for seed `fail_seed`."""
+  seeds = []
+
+  def recording_run(run_config, *args, **kwargs):
+    seeds.append(run_config.seed)
+    if run_config.seed == fail_seed:
+      raise error
+    return REAL_RUN(run_config, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "run", recording_run)
+  return seeds
+
+
 def test_failed_run_is_recorded_and_retried(cifar_dir, tmp_path, monkeypatch):
   config = tiny_grid(cifar_dir, "seed=0,1")
   config.stages = ("train",)
   workdir = str(tmp_path / "grid")
-  real_run = pipeline.run
-
-  def fail_seed_0(run_config, *args, **kwargs):
-    if run_config.seed == 0:
-      raise RuntimeError("disk full")
-    return real_run(run_config, *args, **kwargs)
-
-  monkeypatch.setattr(pipeline, "run", fail_seed_0)
+  record_runs(monkeypatch, fail_seed=0, error=RuntimeError("disk full"))
   assert sweep.run(config, workdir, progress=False) == {"seed=0": "failed", "seed=1": "finished"}
   with open(os.path.join(workdir, "runs", "seed=0", "error.json")) as f:
     error = json.load(f)
   assert error["error"] == "RuntimeError" and error["message"] == "disk full"
-  assert "fail_seed_0" in error["traceback"]
+  assert "recording_run" in error["traceback"]
 
-  ran = []
-  monkeypatch.setattr(pipeline, "run",
-                      lambda run_config, *a, **k: ran.append(run_config.seed) or real_run(
-                          run_config, *a, **k))
+  ran = record_runs(monkeypatch)
   assert sweep.run(config, workdir, progress=False) == {"seed=0": "finished", "seed=1": "finished"}
   assert ran == [0]
   assert not os.path.exists(os.path.join(workdir, "runs", "seed=0", "error.json"))
@@ -126,21 +131,11 @@ def test_killed_grid_resumes_only_unfinished_runs(cifar_dir, tmp_path, monkeypat
   config = tiny_grid(cifar_dir, "seed=0,1,2")
   config.stages = ("train",)
   workdir = str(tmp_path / "grid")
-  real_run = pipeline.run
-
-  def killed_at_seed_1(run_config, *args, **kwargs):
-    if run_config.seed == 1:
-      raise KeyboardInterrupt
-    return real_run(run_config, *args, **kwargs)
-
-  monkeypatch.setattr(pipeline, "run", killed_at_seed_1)
+  record_runs(monkeypatch, fail_seed=1, error=KeyboardInterrupt())
   with pytest.raises(KeyboardInterrupt):
     sweep.run(config, workdir, progress=False)
   finished = read_results(os.path.join(workdir, "runs", "seed=0"))
-  ran = []
-  monkeypatch.setattr(pipeline, "run",
-                      lambda run_config, *a, **k: ran.append(run_config.seed) or real_run(
-                          run_config, *a, **k))
+  ran = record_runs(monkeypatch)
   statuses = sweep.run(config, workdir, progress=False)
   assert ran == [1, 2]
   assert set(statuses.values()) == {"finished"}
