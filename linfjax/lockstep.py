@@ -30,7 +30,12 @@ RUNS_AXIS = "runs"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A one-axis mesh ("runs") over `devices` (default: this process's devices)."""
+  """A one-axis mesh ("runs") over `devices` (default: this process's devices).
+
+  On several hosts each process meshes its own devices and takes its own shard of the
+  grid's runs (linfjax/sweep.py): runs never exchange data, so no cross-host mesh or
+  collective is needed, and each process writes only its own run directories.
+  """
   devices = jax.local_devices() if devices is None else list(devices)
   return Mesh(np.array(devices), (RUNS_AXIS,))
 

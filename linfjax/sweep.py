@@ -13,7 +13,8 @@ one after another through `pipeline.run`; the jitted functions are cached by sha
 settings (models and optimizers are shared objects), so a run of the same shapes as an
 earlier one compiles nothing. With several devices (or `sweep.models_per_device` > 1),
 the pending runs' models are first trained in lockstep over a device mesh
-(linfjax/lockstep.py) and the runs then find them trained. A failed run is recorded and
+(linfjax/lockstep.py) and the runs then find them trained (their train/metrics.json then
+has no per-epoch log: the grid's log has it). A failed run is recorded and
 the others go on; a rerun does only the unfinished runs. `shard=(i, n)` keeps runs
 i, i+n, ...: several processes or hosts share a grid, each writing only its own runs.
 """
