@@ -39,11 +39,13 @@ class Recipe:
   batch_size: int
   padding: int
   flip: bool
+  padding_mode: str = "zeros"
+  nesterov: bool = False
 
 
 def masked_step(state: train.TrainState, images: jax.Array, labels: jax.Array,
                 batch_indices: jax.Array, mask_dict: Mapping[str, jax.Array], key: jax.Array,
-                *, padding: int, flip: bool):
+                *, padding: int, flip: bool, padding_mode: str = "zeros"):
   """One SGD step on rows `batch_indices` of S with the channel masks applied.
 
   Args:
@@ -59,7 +61,8 @@ def masked_step(state: train.TrainState, images: jax.Array, labels: jax.Array,
   """
   x = images[batch_indices].astype(jnp.float32) / 255.0
   y = labels[batch_indices]
-  x = train.augment(jax.random.fold_in(key, state.step), x, padding=padding, flip=flip)
+  x = train.augment(jax.random.fold_in(key, state.step), x, padding=padding, flip=flip,
+                    padding_mode=padding_mode)
 
   def loss_fn(params):
     (logits, _), updates = state.apply_fn(
@@ -73,8 +76,9 @@ def masked_step(state: train.TrainState, images: jax.Array, labels: jax.Array,
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(padding: int, flip: bool) -> Callable:
-  return jax.jit(functools.partial(masked_step, padding=padding, flip=flip), donate_argnums=0)
+def compiled_step(padding: int, flip: bool, padding_mode: str = "zeros") -> Callable:
+  return jax.jit(functools.partial(masked_step, padding=padding, flip=flip,
+                                   padding_mode=padding_mode), donate_argnums=0)
 
 
 def fine_tune(model: models.LayeredClassifier, variables, images: np.ndarray,
@@ -98,7 +102,7 @@ def fine_tune(model: models.LayeredClassifier, variables, images: np.ndarray,
   tx = train.make_optimizer(recipe, recipe.epochs * steps)
   copy = jax.tree.map(jnp.array, variables)  # The step donates its state.
   state = train.create_state(model, copy, tx)
-  step_fn = compiled_step(recipe.padding, recipe.flip)
+  step_fn = compiled_step(recipe.padding, recipe.flip, recipe.padding_mode)
   images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
   mask_dict = {layer: jnp.asarray(mask, jnp.float32) for layer, mask in mask_dict.items()}
   shuffle_key, augment_key = jax.random.split(key)

@@ -41,9 +41,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(padding: int, flip: bool) -> Callable:
+def compiled_step(padding: int, flip: bool, padding_mode: str = "zeros") -> Callable:
   """`train.train_step` vmapped over the runs axis, jitted once per augmentation setting."""
-  step = jax.vmap(functools.partial(train.train_step, padding=padding, flip=flip))
+  step = jax.vmap(functools.partial(train.train_step, padding=padding, flip=flip,
+                                    padding_mode=padding_mode))
   return jax.jit(step, donate_argnums=0)
 
 
@@ -90,7 +91,7 @@ def fit(states: Sequence[train.TrainState], datasets: Sequence[train.DeviceData]
   shuffle_keys, augment_keys = zip(*(jax.random.split(key) for key in keys))
   augment_keys = _stack(augment_keys, sharding)
   num_examples = datasets[0].labels.shape[0]
-  step_fn = compiled_step(recipe.padding, recipe.flip)
+  step_fn = compiled_step(recipe.padding, recipe.flip, recipe.padding_mode)
   for epoch in range(start_epoch, recipe.epochs):
     batches = np.stack([np.asarray(train.epoch_batches(jax.random.fold_in(key, epoch),
                                                        num_examples, recipe.batch_size))

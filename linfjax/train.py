@@ -50,20 +50,22 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformation:
-  """SGD with momentum, coupled weight decay (as torch.optim.SGD) and cosine decay."""
+  """SGD with momentum (Nesterov's when `train_config.nesterov`), coupled weight decay (as
+  torch.optim.SGD) and cosine decay."""
   return _optimizer(float(train_config.learning_rate), float(train_config.momentum),
-                    float(train_config.weight_decay), max(1, int(total_steps)))
+                    float(train_config.weight_decay), bool(train_config.nesterov),
+                    max(1, int(total_steps)))
 
 
 @functools.lru_cache(maxsize=None)
-def _optimizer(learning_rate: float, momentum: float, weight_decay: float,
+def _optimizer(learning_rate: float, momentum: float, weight_decay: float, nesterov: bool,
                total_steps: int) -> optax.GradientTransformation:
   """One object per setting: the train state holds the optimizer as static data, so a
   new object for the same setting would recompile the step for every model of a grid."""
   schedule = optax.cosine_decay_schedule(learning_rate, total_steps)
   return optax.chain(
       optax.add_decayed_weights(weight_decay),
-      optax.sgd(schedule, momentum=momentum or None),
+      optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov and bool(momentum)),
   )
 
 
@@ -72,19 +74,27 @@ def create_state(model, variables, tx) -> TrainState:
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 
 
-def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool) -> jax.Array:
-  """Random crop after zero padding, and a random horizontal flip, per example.
+# Padding before the random crop: "zeros" as torchvision's RandomCrop(32, padding=4) in
+# BackdoorBench; "reflect" mirrors the border (no black frame for the model to learn).
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}
+
+
+def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool,
+            padding_mode: str = "zeros") -> jax.Array:
+  """Random crop after padding, and a random horizontal flip, per example.
 
   Args:
     key: PRNG key.
     images: [B, H, W, C] float.
-    padding: pixels of zero padding on each side before cropping back to H x W.
+    padding: pixels of padding on each side before cropping back to H x W.
     flip: whether to flip each image left-right with probability 1/2.
+    padding_mode: a PADDING_MODES name.
   """
   batch, height, width, channels = images.shape
   crop_key, flip_key = jax.random.split(key)
   if padding:
-    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                     mode=PADDING_MODES[padding_mode])
     offsets = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
     crop = lambda image, offset: jax.lax.dynamic_slice(
         image, (offset[0], offset[1], 0), (height, width, channels))
@@ -96,7 +106,8 @@ def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool) -> j
 
 
 def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
-               trigger: triggers.Trigger, key: jax.Array, *, padding: int, flip: bool):
+               trigger: triggers.Trigger, key: jax.Array, *, padding: int, flip: bool,
+               padding_mode: str = "zeros"):
   """One SGD step on the examples `batch_indices` of `data`.
 
   The augmentation draws from `fold_in(key, state.step)`, so a resumed run repeats it.
@@ -106,7 +117,8 @@ def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
   """
   images = data.images[batch_indices].astype(jnp.float32) / 255.0
   labels = data.labels[batch_indices]
-  images = augment(jax.random.fold_in(key, state.step), images, padding=padding, flip=flip)
+  images = augment(jax.random.fold_in(key, state.step), images, padding=padding, flip=flip,
+                   padding_mode=padding_mode)
   stamp = data.stamp[batch_indices][:, None, None, None]
   images = jnp.where(stamp, triggers.apply(trigger, images), images)
 
@@ -124,9 +136,10 @@ def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(padding: int, flip: bool) -> Callable:
+def compiled_step(padding: int, flip: bool, padding_mode: str = "zeros") -> Callable:
   """The jitted step for one augmentation setting, cached so every run shares it."""
-  return jax.jit(functools.partial(train_step, padding=padding, flip=flip), donate_argnums=0)
+  return jax.jit(functools.partial(train_step, padding=padding, flip=flip,
+                                   padding_mode=padding_mode), donate_argnums=0)
 
 
 def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
@@ -138,13 +151,14 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
 
 def train_epoch(state: TrainState, data: DeviceData, trigger: triggers.Trigger, *,
                 key: jax.Array, epoch: int, batch_size: int, padding: int, flip: bool,
+                padding_mode: str = "zeros",
                 on_step: Callable[[], None] | None = None) -> tuple[TrainState, dict]:
   """Runs one epoch; raises TrainingDiverged naming the first step whose loss is not finite.
 
   The shuffle draws from `fold_in(shuffle key, epoch)` and augmentation from the step
   number, so a run resumed at an epoch boundary repeats the same batches.
   """
-  step_fn = compiled_step(padding, flip)
+  step_fn = compiled_step(padding, flip, padding_mode)
   shuffle_key, augment_key = jax.random.split(key)
   num_examples = data.labels.shape[0]
   batches = np.asarray(epoch_batches(jax.random.fold_in(shuffle_key, epoch), num_examples,
@@ -173,11 +187,12 @@ class Recipe:
   batch_size: int
   padding: int
   flip: bool
+  padding_mode: str = "zeros"
 
   @classmethod
   def from_config(cls, train_config) -> "Recipe":
     return cls(train_config.epochs, train_config.batch_size, train_config.crop_padding,
-               bool(train_config.flip))
+               bool(train_config.flip), train_config.padding_mode)
 
 
 def fit(state: TrainState, data: DeviceData, trigger: triggers.Trigger, recipe: Recipe, *,
@@ -188,7 +203,8 @@ def fit(state: TrainState, data: DeviceData, trigger: triggers.Trigger, recipe: 
   for epoch in range(start_epoch, recipe.epochs):
     state, metrics = train_epoch(state, data, trigger, key=key, epoch=epoch,
                                  batch_size=recipe.batch_size, padding=recipe.padding,
-                                 flip=recipe.flip, on_step=on_step)
+                                 flip=recipe.flip, padding_mode=recipe.padding_mode,
+                                 on_step=on_step)
     if on_epoch_end is not None:
       on_epoch_end(epoch, state, metrics)
   return state

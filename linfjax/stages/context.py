@@ -32,6 +32,7 @@ class RunContext:
     mean, std = self.dataset.channel_stats
     kwargs = dict(num_classes=self.dataset.num_classes, width=self.config.model.width,
                   mean=mean, std=std, probe_layers=tuple(self.config.model.probe_layers),
+                  head_pool=self.config.model.head_pool,
                   dtype=jnp.dtype(self.config.train.compute_dtype))
     kwargs.update(overrides)
     return models.create(self.config.model.name, **kwargs)

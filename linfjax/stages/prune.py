@@ -157,7 +157,8 @@ def _fine_tuned(ctx, source, record, method, r_star, model, variables, layer, ev
         epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
         momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
         batch_size=cfg.train.batch_size, padding=cfg.train.crop_padding,
-        flip=bool(cfg.train.flip))
+        flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
+        nesterov=bool(cfg.train.nesterov))
     s_images, s_labels = ctx.clean_set
     started = time.perf_counter()
     tuned[key] = finetune.fine_tune(model, variables, s_images, s_labels, {layer: mask[0]},
