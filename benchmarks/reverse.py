@@ -42,10 +42,11 @@ def _warm(apply_fn, variables, images, settings: reverse.Settings, vmapped: bool
   if not vmapped:
     state = jax.tree.map(lambda leaf: leaf[0], state)
     targets = targets[0]
+  checked = reverse.check_images(images, jax.random.key(0), settings)
   start = time.perf_counter()
   state = update_fn(state, variables, images, np.arange(settings.batch_size, dtype=np.int32),
                     targets)
-  jax.block_until_ready(end_fn(state))
+  jax.block_until_ready(end_fn(state, variables, checked, targets))
   return time.perf_counter() - start
 
 

@@ -126,23 +126,29 @@ METHOD_COLORS = {"linf": "tab:red", "l2": "tab:blue", "l1": "tab:green",
 PRUNING_PANELS = (("CA", "CA on the test split (%)"),
           ("ASR_real", "ASR, real trigger, test split (%)"),
           ("ASR_defender", "ASR, defender's trigger, S (%)"))
+# What a sweep evaluated on the defender's clean set S alone shows (multi-layer pruning).
+CLEAN_SET_PANELS = (("CA_S", "CA on S (%)"), ("ASR_defender", "ASR, defender's trigger, S (%)"))
 
 
 def pruning_curves(fractions: np.ndarray, curves: Mapping[str, Mapping[str, np.ndarray]],
-                   chosen: Mapping[str, int], *, title: str) -> Figure:
-  """Three panels (test CA, test ASR under the real trigger, defender-side ASR on S)
-  against the pruned share of the layer, a line per method, r* marked.
+                   chosen: Mapping[str, int], *, title: str,
+                   panels: Sequence[tuple[str, str]] = PRUNING_PANELS,
+                   xlabel: str = "pruned share of the layer's neurons") -> Figure:
+  """One panel per key of `panels` against the pruned share, a line per method, r* marked.
 
   Args:
-    fractions: [levels] pruned share of the layer's neurons at each level.
-    curves: method (e.g. 'linf', 'fine_pruning') -> {'CA', 'ASR_real', 'ASR_defender'}
-      -> [levels] percentages.
+    fractions: [levels] pruned share of the neurons at each level.
+    curves: method (e.g. 'linf', 'fine_pruning') -> panel key (e.g. 'CA', 'ASR_real',
+      'ASR_defender') -> [levels] percentages.
     chosen: method -> index of its r* level.
     title: the figure's title (the trigger source).
+    panels: (key, axis label) pairs; the default shows test CA, test ASR under the real
+      trigger and the defender-side ASR on S.
+    xlabel: what `fractions` measure.
   """
-  figure = _figure(4.4 * len(PRUNING_PANELS), 3.8)
-  for p, (key, label) in enumerate(PRUNING_PANELS):
-    axes = figure.add_subplot(1, len(PRUNING_PANELS), p + 1)
+  figure = _figure(4.4 * len(panels), 3.8)
+  for p, (key, label) in enumerate(panels):
+    axes = figure.add_subplot(1, len(panels), p + 1)
     for method, values in curves.items():
       color = METHOD_COLORS.get(method)
       axes.plot(fractions, values[key], marker=".", markersize=3, label=method, color=color)
@@ -150,7 +156,7 @@ def pruning_curves(fractions: np.ndarray, curves: Mapping[str, Mapping[str, np.n
         i = chosen[method]
         axes.plot([fractions[i]], [values[key][i]], marker="o", markersize=8,
                   markerfacecolor="none", color=color)
-    axes.set_xlabel("pruned share of the layer's neurons")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(label)
     axes.set_ylim(-2, 102)
     axes.grid(alpha=0.3)

@@ -168,7 +168,7 @@ def masks(order: ArrayLike, counts: ArrayLike) -> np.ndarray:
 
 
 def masked_logits(variables, images: jax.Array, trigger_list: Sequence[triggers.Trigger],
-                  mask_stack: jax.Array, *, apply_fn: Callable, layer: str,
+                  mask_stacks: Mapping[str, jax.Array], *, apply_fn: Callable, start: str,
                   mask_batch: int = 8) -> jax.Array:
   """Logits of a batch, clean and triggered, under every mask: the prefix runs once.
 
@@ -176,59 +176,64 @@ def masked_logits(variables, images: jax.Array, trigger_list: Sequence[triggers.
     variables: the model's variables.
     images: [B, H, W, C], uint8 pixels or floats in [0, 1].
     trigger_list: T triggers; the batch is evaluated clean and under each.
-    mask_stack: [M, K] channel masks for `layer`.
+    mask_stacks: layer -> [M, K_layer] channel masks; mask i of every layer together make
+      the i-th pruned model.
     apply_fn: `model.apply` of a `models.LayeredClassifier`.
-    layer: the pruned layer `L`.
+    start: the earliest masked layer: the layers up to it run once for all masks.
     mask_batch: masks vmapped together; chunks run one after another in the same call.
 
   Returns:
     [M, 1 + T, B, num_classes] float32; [:, 0] clean, [:, i + 1] under trigger i.
   """
-  chex.assert_rank([images, mask_stack], [4, 2])
+  chex.assert_rank(images, 4)
+  if start not in mask_stacks:
+    raise KeyError(f"start layer {start!r} has no masks ({', '.join(mask_stacks)})")
   x = images.astype(jnp.float32)
   if jnp.issubdtype(images.dtype, jnp.integer):
     x = x / 255.0
   batch = x.shape[0]
   stacked = jnp.concatenate([x] + [triggers.apply(t, x) for t in trigger_list])
-  features, _ = apply_fn(variables, stacked, stop=layer)
+  features, _ = apply_fn(variables, stacked, stop=start)
 
-  def head(mask):
-    logits, _ = apply_fn(variables, features, {layer: mask}, start=layer)
+  def head(mask_dict):
+    logits, _ = apply_fn(variables, features, mask_dict, start=start)
     return logits
 
-  logits = jax.lax.map(head, mask_stack, batch_size=mask_batch)
-  return logits.reshape(mask_stack.shape[0], 1 + len(trigger_list), batch, -1)
+  logits = jax.lax.map(head, dict(mask_stacks), batch_size=mask_batch)
+  count = mask_stacks[start].shape[0]
+  return logits.reshape(count, 1 + len(trigger_list), batch, -1)
 
 
-def _masked_predictions(variables, images, trigger_list, mask_stack, *, apply_fn, layer,
+def _masked_predictions(variables, images, trigger_list, mask_stacks, *, apply_fn, start,
                         mask_batch):
-  logits = masked_logits(variables, images, trigger_list, mask_stack, apply_fn=apply_fn,
-                         layer=layer, mask_batch=mask_batch)
+  logits = masked_logits(variables, images, trigger_list, mask_stacks, apply_fn=apply_fn,
+                         start=start, mask_batch=mask_batch)
   return jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_predictions(apply_fn: Callable, layer: str, mask_batch: int = 8) -> Callable:
-  """Jitted `(variables, images, trigger_list, mask_stack) -> int32 [M, 1 + T, B]` classes."""
-  return jax.jit(functools.partial(_masked_predictions, apply_fn=apply_fn, layer=layer,
+def compiled_predictions(apply_fn: Callable, start: str, mask_batch: int = 8) -> Callable:
+  """Jitted `(variables, images, trigger_list, mask_stacks) -> int32 [M, 1 + T, B]` classes."""
+  return jax.jit(functools.partial(_masked_predictions, apply_fn=apply_fn, start=start,
                                    mask_batch=mask_batch))
 
 
 def sweep(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray,
-          trigger: triggers.Trigger, mask_stack: ArrayLike, *, layer: str, target: int,
-          mode: str, num_classes: int, batch_size: int, mask_batch: int = 8,
+          trigger: triggers.Trigger, mask_stacks: Mapping[str, ArrayLike], *, start: str,
+          target: int, mode: str, num_classes: int, batch_size: int, mask_batch: int = 8,
           on_batch: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
   """CA, ASR and RA (METHOD.md's "Metrics") of the model under every mask, over a split.
 
   Each batch (padded to `batch_size`, so one compiled function serves the split) runs
-  the layers up to `layer` once, clean and triggered together, and the head per mask.
+  the layers up to `start` once, clean and triggered together, and the rest per mask.
 
   Args:
     apply_fn, variables: the model.
     images: [N, H, W, C] uint8; labels: [N] int.
     trigger: the trigger whose ASR is measured, to `target` under `mode`.
-    mask_stack: [M, K] masks of `layer`.
-    layer, target, mode, num_classes: as named.
+    mask_stacks: layer -> [M, K_layer] masks (see `masked_logits`).
+    start: the earliest layer of `mask_stacks`.
+    target, mode, num_classes: as named.
     batch_size: images per call (each call holds 2 * batch_size images).
     mask_batch: masks vmapped together (see `masked_logits`).
     on_batch: called after every batch (a progress bar's update).
@@ -236,11 +241,11 @@ def sweep(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray,
   Returns:
     {'CA', 'ASR', 'RA'}: float64 [M] percentages, one per mask.
   """
-  predict = compiled_predictions(apply_fn, layer, mask_batch)
-  mask_stack = jnp.asarray(mask_stack, jnp.float32)
+  predict = compiled_predictions(apply_fn, start, mask_batch)
+  mask_stacks = {layer: jnp.asarray(stack, jnp.float32) for layer, stack in mask_stacks.items()}
   clean, triggered = [], []
   for (batch,), valid in data.padded_batches(batch_size, images):
-    predictions = np.asarray(predict(variables, batch, (trigger,), mask_stack))[:, :, :valid]
+    predictions = np.asarray(predict(variables, batch, (trigger,), mask_stacks))[:, :, :valid]
     clean.append(predictions[:, 0])
     triggered.append(predictions[:, 1])
     if on_batch is not None:
@@ -294,11 +299,81 @@ def defense_entry(*, r_star: int, ca: float, asr_real: float, asr_defender: floa
                              asr_after=asr_real)}
 
 
+def fine_pruning_level(ca_clean_set: ArrayLike, *, ca_reference: float, delta: float) -> int:
+  """Fine-Pruning's level (Liu et al.): prune the least-active neurons until the clean
+  accuracy on S has dropped by more than `delta`; the level just before that one.
+
+  Args:
+    ca_clean_set: [levels] clean accuracy on S of a sweep from least to most pruned.
+    ca_reference: the unpruned model's clean accuracy on S.
+    delta: the largest acceptable drop, in points.
+
+  Returns:
+    The index of the last level before the first whose drop exceeds `delta` (the last level
+    when none does). Needs no trigger.
+  """
+  drop = ca_reference - np.asarray(ca_clean_set, np.float64)
+  chex.assert_rank(drop, 1)
+  over = np.flatnonzero(drop > delta)
+  return int(over[0] - 1) if len(over) else len(drop) - 1
+
+
+def relative_shifts(moments: norms.Moments, *, norm: str, condition: int = 0,
+                    norm_names: Sequence[str] = norms.NORMS) -> np.ndarray:
+  """`delta_k / mean_x ||A_k(x)||_p`: each neuron's shift in units of its own clean norm, which
+  compares across layers (ours, for ranking several layers jointly). The denominator is
+  floored at `norms.REL_FLOOR` times the layer's mean clean norm, as for METHOD.md's `rel`.
+
+  Returns:
+    [K] float64.
+  """
+  index = list(norm_names).index(norm)
+  clean = np.asarray(moments.mean[0, index], np.float64)
+  floor = max(norms.REL_FLOOR * float(np.mean(clean)), np.finfo(np.float32).tiny)
+  return scores_from_moments(moments, norm=norm, condition=condition,
+                             norm_names=norm_names) / np.maximum(clean, floor)
+
+
+MULTI_LAYER_RANKINGS = ("per_layer", "joint")
+
+
+def multi_layer_masks(scores: Mapping[str, np.ndarray], fractions: Sequence[float], *,
+                      scope: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Masks that prune several layers at once, one pruned model per fraction.
+
+  Args:
+    scores: layer -> [K_layer] scores, larger more suspect (per layer: `delta_k`; jointly:
+      `relative_shifts`, which compare across layers).
+    fractions: [levels] fractions in [0, 1), ascending, of each layer's neurons
+      ("per_layer") or of all the layers' neurons together ("joint").
+    scope: "per_layer" prunes the top fraction of every layer by its own ranking;
+      "joint" ranks all neurons of all layers together and prunes the top fraction.
+
+  Returns:
+    (int64 [levels] neurons pruned in all, layer -> float32 [levels, K_layer] masks).
+  """
+  if scope not in MULTI_LAYER_RANKINGS:
+    raise ValueError(f"unknown multi-layer ranking {scope!r}; known: "
+                     f"{', '.join(MULTI_LAYER_RANKINGS)}")
+  fractions = np.asarray(fractions, np.float64)
+  layers = list(scores)
+  if scope == "per_layer":
+    stacks = {layer: masks(ranking(values), np.floor(fractions * len(values) + 0.5))
+              for layer, values in scores.items()}
+  else:
+    joined = np.concatenate([np.asarray(scores[layer], np.float64) for layer in layers])
+    total = masks(ranking(joined), np.floor(fractions * len(joined) + 0.5))
+    bounds = np.cumsum([0] + [len(scores[layer]) for layer in layers])
+    stacks = {layer: total[:, bounds[i]:bounds[i + 1]] for i, layer in enumerate(layers)}
+  pruned = sum((stack == 0).sum(axis=1) for stack in stacks.values()).astype(np.int64)
+  return pruned, stacks
+
+
 def method_rankings(moments: norms.Moments, *, norm_list: Sequence[str], score: str,
                     map_size: int, fine_pruning: bool, condition: int = 0,
                     norm_names: Sequence[str] = norms.NORMS) -> dict[str, np.ndarray]:
-  """Pruning orders: one per norm (largest score first) and Fine-Pruning's (smallest
-  clean mean first), each int64 [K]."""
+  """Pruning orders of one layer: one per norm (largest score first) and Fine-Pruning's
+  (smallest clean mean first), each int64 [K]."""
   orders = {norm: ranking(scores_from_moments(moments, norm=norm, score=score,
                                               condition=condition, norm_names=norm_names))
             for norm in norm_list}

@@ -77,8 +77,8 @@ def _pngs(directory: str) -> list[str]:
   return sorted(found)
 
 
-def _train_section(entry: dict, config: dict) -> str:
-  del config
+def _train_section(entry: dict, config: dict, results: dict) -> str:
+  del config, results
   rows = [(kind, *(entry[kind].get(key) for key in ("CA", "ASR", "RA")))
           for kind in ("backdoored", "vanilla") if kind in entry]
   counts = f"poisoned training images: {entry.get('poisoned', '-')}, clean set S: " \
@@ -86,24 +86,41 @@ def _train_section(entry: dict, config: dict) -> str:
   return _table(["model", "CA", "ASR", "RA"], rows) + f"<p>{_escape(counts)}</p>"
 
 
-def _reverse_section(entry: dict, config: dict) -> str:
-  del config
-  parts = []
-  flagged = entry.get("flagged")
-  parts.append(f"<p>Flagged class of the backdoored model: <b>"
-               f"{_escape('none' if flagged is None else flagged)}</b></p>")
+def _verdict(values: dict) -> str:
+  flagged, suspect = values.get("flagged"), values.get("suspect")
+  if flagged is not None:
+    return f"class {flagged} flagged"
+  if suspect is not None:
+    return f"no class flagged; most suspicious class {suspect}"
+  return "no class flagged and none reached the attack-success threshold"
+
+
+def _reverse_section(entry: dict, config: dict, results: dict) -> str:
+  del results
+  statistic = config.get("reverse", {}).get("statistic", "nc")
+  threshold = config.get("reverse", {}).get("anomaly_threshold", "-")
+  parts = [f"<p>Backdoored model: <b>{_escape(_verdict(entry))}</b>. A class is flagged when "
+           f"its anomaly index on the <code>{_escape(statistic)}</code> scale exceeds "
+           f"{_escape(threshold)} with its mask norm below the median; whether or not one is, "
+           "the defense uses the most suspicious class's trigger (the smallest mask that "
+           "reached the attack-success threshold).</p>"]
   models = {"backdoored": entry, **({"vanilla": entry["vanilla"]} if "vanilla" in entry else {})}
   for kind, values in models.items():
-    index, norms = values.get("anomaly_index", []), values.get("mask_l1", [])
-    rows = [(str(c), norms[c] if c < len(norms) else None, index[c]) for c in range(len(index))]
-    parts.append(f"<h3>{_escape(kind)} model (flagged: "
-                 f"{_escape('none' if values.get('flagged') is None else values['flagged'])})"
-                 "</h3>" + _table(["class", "mask l1", "anomaly index"], rows))
+    norms = values.get("mask_l1", [])
+    columns = [("anomaly index (nc)", values.get("anomaly_index", []))]
+    columns += [(f"index ({key[:-len('_index')]})", values[key]) for key in sorted(values)
+                if key.endswith("_index") and key != "anomaly_index"]
+    succeeded = values.get("succeeded", [True] * len(norms))
+    rows = [(str(c), norms[c], *(column[c] if c < len(column) else None for _, column in columns),
+             "yes" if succeeded[c] else "no") for c in range(len(norms))]
+    parts.append(f"<h3>{_escape(kind)} model: {_escape(_verdict(values))}</h3>"
+                 + _table(["class", "mask l1", *(name for name, _ in columns),
+                           "reached the threshold"], rows))
   return "".join(parts)
 
 
-def _analysis_section(entry: dict, config: dict) -> str:
-  del config
+def _analysis_section(entry: dict, config: dict, results: dict) -> str:
+  del config, results
   rows = []
   for kind in ("backdoored", "vanilla"):
     for layer, per_norm in entry.get(kind, {}).items():
@@ -124,21 +141,41 @@ def _analysis_section(entry: dict, config: dict) -> str:
   return "".join(parts)
 
 
-def _prune_section(entry: dict, config: dict) -> str:
+METHOD_NOTES = (
+    ("linf, l2, l1", "the paper's defense: layer L pruned by the trigger-induced shift under "
+     "that norm"),
+    ("<norm>_ft", "the same pruned model, then fine-tuned on S with its mask fixed"),
+    ("<norm>_layers", "beyond the paper: several layers pruned at once (<norm>_layers_ft: then "
+     "fine-tuned)"),
+    ("fine_pruning", "Liu et al.: layer L's least-active neurons, then fine-tuned"),
+    ("fine_tuning", "a control: the unpruned model fine-tuned on S alike"),
+)
+
+
+def _prune_section(entry: dict, config: dict, results: dict) -> str:
   settings = config.get("prune", {})
-  tuned = "after" if settings.get("fine_tune") else "without"
   parts = [f"<p>r*: the smallest pruning level whose defender-side ASR on S is at most "
            f"{_escape(settings.get('tau', '-'))} % with a clean-accuracy drop on S of at most "
            f"{_escape(settings.get('delta', '-'))} points (else the lowest ASR within the "
-           f"drop); r* counts pruned neurons of layer "
-           f"{_escape(settings.get('layer') or 'L (the last conv map before pooling)')}. "
-           f"Fine-Pruning's numbers are after fine-tuning on S, the lp-pruned models' "
-           f"{tuned} it; the curves show the sweep before fine-tuning.</p>"]
+           f"drop), chosen on S only; r* counts pruned neurons (of layer "
+           f"{_escape(settings.get('layer') or 'L, the last conv map before pooling')}, or of "
+           "all pruned layers). Fine-Pruning's level is its own: "
+           f"{_escape(settings.get('fine_pruning_level', '-'))}. The curves show the sweeps "
+           "before fine-tuning.</p><ul>"]
+  parts += [f"<li><b>{_escape(name)}</b>: {_escape(text)}</li>" for name, text in METHOD_NOTES]
+  parts.append("</ul>")
   keys = ("r_star", "CA", "ASR_real", "ASR_defender", "dCA", "dASR", "DER")
   for source in ("synthetic", "real"):
     values = entry.get(source)
-    parts.append(f"<h3>{_escape(source)} trigger"
-                 f"{' (analysis only)' if source == 'real' else ''}</h3>")
+    heading = {"synthetic": "synthetic trigger (the realistic setting)",
+               "real": "real trigger (analysis only)"}[source]
+    parts.append(f"<h3>{_escape(heading)}</h3>")
+    if source == "synthetic" and "reverse" in results:
+      reverse = results["reverse"]
+      parts.append(f"<p>The defender's trigger is class {_escape(reverse.get('suspect'))}'s: "
+                   + ("flagged by Neural Cleanse." if reverse.get("flagged") is not None else
+                      "<b>not flagged</b> by Neural Cleanse; the most suspicious class's "
+                      "trigger is used all the same.") + "</p>")
     if values is None:
       parts.append(_note("not run"))
     elif "skipped" in values:
@@ -181,7 +218,7 @@ def render(workdir: str, config: dict, results: dict) -> str:
   for stage, title in STAGE_SECTIONS:
     parts.append(f"<h2>{_escape(title)}</h2>")
     if stage in results:
-      parts.append(SECTION_BUILDERS[stage](results[stage], config))
+      parts.append(SECTION_BUILDERS[stage](results[stage], config, results))
     else:
       parts.append(_note(f"the {stage} stage has not run (or not finished)"))
     for path in _pngs(os.path.join(workdir, stage)):

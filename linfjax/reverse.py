@@ -1,7 +1,8 @@
 """Neural Cleanse reverse engineering: a synthetic trigger for every class in one solve.
 
-For each candidate class `c` a mask `m_c = sigmoid(theta_m)` [H, W] and a pattern
-`p_c = sigmoid(theta_p)` [H, W, C] minimise, on the defender's clean set S,
+For each candidate class `c` a mask `m_c = tanh(theta_m) / 2 + 0.5` [H, W] and a pattern
+`p_c = tanh(theta_p) / 2 + 0.5` [H, W, C] (Neural Cleanse's parametrisation, so its
+learning rate means the same here) minimise, on the defender's clean set S,
 
     mean_x CE(f((1 - m_c) * x + m_c * p_c), c) + lambda_c * ||m_c||_1,
 
@@ -10,23 +11,19 @@ recovered trigger is an ordinary mask-and-pattern `Trigger`. All classes are sol
 at once: `jax.vmap` over the per-class state with the model's weights and the batch
 shared, which keeps the convolutions dense (the vmap that pays, ../shared/FINDINGS.md).
 
-The weight `lambda_c` follows Neural Cleanse's adaptive schedule, per class and inside
-the one vmapped solve. A *step* (NC's term) is `mini_batches` Adam updates; after each
-step, with `s` the step's mean attack success and `n` its mean mask norm:
-  - the best result so far is kept when `s >= threshold` and `n` is below the best norm;
-  - the cost starts at 0 and is set to `init_cost` once `s >= threshold` for `patience`
-    steps in a row (the up/down flags reset then);
-  - then `patience` successful steps in a row multiply the cost by `cost_multiplier`,
-    `patience` failing steps divide it by `cost_multiplier ** 1.5`;
-  - a class stops early once its cost has gone both up and down and its best norm has not
-    dropped below `early_stop_threshold` times its earlier best for `early_stop_patience`
-    steps. A stopped class keeps its state (its updates are masked out).
-A class that never succeeded reports its last mask and pattern.
+A *step* (NC's term) is `mini_batches` Adam updates followed by the adaptive-cost
+bookkeeping of `linfjax.nc_schedule`, per class inside the one vmapped solve. The step's
+attack success is either the mean over its mini-batches (NC, `success_images=0`) or, ours,
+a forward-only pass of the current trigger over a fixed set of `success_images` images of
+S: judged on a few dozen training images, a 99 % threshold fails a step for one or two
+images and divides the cost by 2.8 (../shared/FINDINGS.md). Patiences are given in Adam
+updates and counted in steps, so a schedule means the same whatever the step size.
 
 The steps are a Python loop over one jitted update (on XLA:CPU a `lax.scan` over
 gradient steps through convolutions is many times slower, FINDINGS.md), so a caller can
 checkpoint after any step; batches are drawn from `fold_in(key, epoch)` shuffles of S,
-so a run resumed at a step repeats the same batches.
+so a run resumed at a step repeats the same batches. Which class is an outlier is
+`linfjax.outliers`' business.
 
 References:
   Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
@@ -37,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import chex
@@ -46,10 +44,8 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from linfjax import triggers
+from linfjax import nc_schedule, triggers
 
-# Median absolute deviation to standard deviation, for normally distributed norms.
-MAD_CONSISTENCY = 1.4826
 # NC draws the initial mask and pattern uniformly in [0, 1]; ours: kept inside
 # [0.01, 0.99] so that their logits are finite.
 INIT_MARGIN = 0.01
@@ -61,15 +57,17 @@ class ReverseDiverged(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Neural Cleanse's hyperparameters (a config's `reverse` block)."""
+  """Neural Cleanse's hyperparameters (a config's `reverse` block); patiences in updates."""
   steps: int
   mini_batches: int
   batch_size: int
   learning_rate: float
   init_cost: float
+  reset_cost_to_zero: bool
   cost_multiplier: float
   patience: int
   attack_success_threshold: float
+  success_images: int
   early_stop_threshold: float
   early_stop_patience: int
 
@@ -77,28 +75,27 @@ class Settings:
   def from_config(cls, reverse_config) -> "Settings":
     return cls(**{field.name: reverse_config[field.name] for field in dataclasses.fields(cls)})
 
+  @property
+  def schedule(self) -> nc_schedule.Schedule:
+    """The cost schedule, its patiences converted from updates to steps (at least 1)."""
+    in_steps = lambda updates: max(1, math.ceil(updates / self.mini_batches))
+    return nc_schedule.Schedule(
+        init_cost=self.init_cost, reset_cost_to_zero=self.reset_cost_to_zero,
+        cost_multiplier=self.cost_multiplier, patience=in_steps(self.patience),
+        attack_success_threshold=self.attack_success_threshold,
+        early_stop_threshold=self.early_stop_threshold,
+        early_stop_patience=in_steps(self.early_stop_patience))
+
 
 class ClassState(NamedTuple):
   """One class's optimisation and schedule state; a solve stacks it on a class axis.
 
-  Counters are int32, flags bool, norms float32 (`best_l1` is inf until a step succeeds).
   `success_sum`, `l1_sum`, `loss_sum` accumulate over the current step's mini-batches.
   """
   theta_mask: jax.Array  # [H, W] mask logits.
   theta_pattern: jax.Array  # [H, W, C] pattern logits.
   opt_state: optax.OptState
-  cost: jax.Array
-  cost_set_count: jax.Array
-  cost_up_count: jax.Array
-  cost_down_count: jax.Array
-  cost_went_up: jax.Array
-  cost_went_down: jax.Array
-  best_mask: jax.Array  # [H, W]
-  best_pattern: jax.Array  # [H, W, C]
-  best_l1: jax.Array
-  early_stop_count: jax.Array
-  early_stop_best: jax.Array
-  stopped: jax.Array
+  schedule: nc_schedule.ScheduleState
   success_sum: jax.Array
   l1_sum: jax.Array
   loss_sum: jax.Array
@@ -121,26 +118,32 @@ class Reversed(NamedTuple):
                             jnp.asarray(self.patterns[target]))
 
 
+def to_unit(theta: jax.Array) -> jax.Array:
+  """NC's map from logits to [0, 1]: `tanh(theta) / 2 + 0.5`."""
+  return jnp.tanh(theta) / 2 + 0.5
+
+
+def from_unit(values: jax.Array) -> jax.Array:
+  """The inverse of `to_unit`, for values strictly inside (0, 1)."""
+  return jnp.arctanh(2 * values - 1)
+
+
 def optimizer(settings: Settings) -> optax.GradientTransformation:
   """Adam with Neural Cleanse's betas (0.5, 0.9)."""
   return optax.adam(settings.learning_rate, b1=0.5, b2=0.9)
 
 
-def _init_class(key: jax.Array, image_shape, tx: optax.GradientTransformation) -> ClassState:
+def _init_class(key: jax.Array, image_shape, settings: Settings) -> ClassState:
   height, width, channels = image_shape
   mask_key, pattern_key = jax.random.split(key)
   uniform = functools.partial(jax.random.uniform, minval=INIT_MARGIN, maxval=1 - INIT_MARGIN)
-  theta_mask = jax.scipy.special.logit(uniform(mask_key, (height, width)))
-  theta_pattern = jax.scipy.special.logit(uniform(pattern_key, (height, width, channels)))
-  zero, int_zero, false = jnp.float32(0), jnp.int32(0), jnp.bool_(False)
+  theta_mask = from_unit(uniform(mask_key, (height, width)))
+  theta_pattern = from_unit(uniform(pattern_key, (height, width, channels)))
+  zero = jnp.float32(0)
   return ClassState(
       theta_mask=theta_mask, theta_pattern=theta_pattern,
-      opt_state=tx.init((theta_mask, theta_pattern)), cost=zero,
-      cost_set_count=int_zero, cost_up_count=int_zero, cost_down_count=int_zero,
-      cost_went_up=false, cost_went_down=false,
-      best_mask=jax.nn.sigmoid(theta_mask), best_pattern=jax.nn.sigmoid(theta_pattern),
-      best_l1=jnp.float32(jnp.inf), early_stop_count=int_zero,
-      early_stop_best=jnp.float32(jnp.inf), stopped=false,
+      opt_state=optimizer(settings).init((theta_mask, theta_pattern)),
+      schedule=nc_schedule.init(settings.schedule, to_unit(theta_mask), to_unit(theta_pattern)),
       success_sum=zero, l1_sum=zero, loss_sum=zero)
 
 
@@ -150,7 +153,13 @@ def init(key: jax.Array, image_shape: tuple[int, int, int], num_classes: int,
   """Every class's initial state, stacked: leaves [K, ...]; class c draws from fold_in(key, c)."""
   keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(num_classes))
   return jax.vmap(functools.partial(_init_class, image_shape=image_shape,
-                                    tx=optimizer(settings)))(keys)
+                                    settings=settings))(keys)
+
+
+def _stamp(state: ClassState, images: jax.Array) -> jax.Array:
+  """uint8 images [B, H, W, C] with the class's current trigger, floats in [0, 1]."""
+  trigger = triggers.Trigger(to_unit(state.theta_mask)[..., None], to_unit(state.theta_pattern))
+  return triggers.apply(trigger, images.astype(jnp.float32) / 255.0)
 
 
 def update(state: ClassState, variables, images: jax.Array, batch_indices: jax.Array,
@@ -169,24 +178,23 @@ def update(state: ClassState, variables, images: jax.Array, batch_indices: jax.A
   Returns:
     The updated state; a stopped class's mask, pattern and optimizer state are unchanged.
   """
-  batch = images[batch_indices].astype(jnp.float32) / 255.0
+  batch = images[batch_indices]
   chex.assert_rank(batch, 4)
   labels = jnp.full(batch.shape[:1], target, jnp.int32)
 
   def loss_fn(thetas):
-    mask, pattern = jax.nn.sigmoid(thetas[0]), jax.nn.sigmoid(thetas[1])
-    logits, _ = apply_fn(variables, triggers.apply(triggers.Trigger(mask[..., None], pattern),
-                                                   batch))
+    stamped = _stamp(state._replace(theta_mask=thetas[0], theta_pattern=thetas[1]), batch)
+    logits, _ = apply_fn(variables, stamped)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    l1 = jnp.sum(mask)
+    l1 = jnp.sum(to_unit(thetas[0]))
     success = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return cross_entropy + state.cost * l1, (success, l1)
+    return cross_entropy + state.schedule.cost * l1, (success, l1)
 
   thetas = (state.theta_mask, state.theta_pattern)
   (loss, (success, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(thetas)
   updates, opt_state = optimizer(settings).update(grads, state.opt_state, thetas)
   new_thetas = optax.apply_updates(thetas, updates)
-  keep = lambda old, new: jnp.where(state.stopped, old, new)
+  keep = lambda old, new: jnp.where(state.schedule.stopped, old, new)
   new_thetas, opt_state = jax.tree.map(keep, (thetas, state.opt_state), (new_thetas, opt_state))
   return state._replace(
       theta_mask=new_thetas[0], theta_pattern=new_thetas[1], opt_state=opt_state,
@@ -194,56 +202,35 @@ def update(state: ClassState, variables, images: jax.Array, batch_indices: jax.A
       loss_sum=state.loss_sum + loss)
 
 
-def end_step(state: ClassState, *, settings: Settings) -> tuple[ClassState, dict]:
-  """Neural Cleanse's bookkeeping after a step: best result, early stop, cost schedule.
+def end_step(state: ClassState, variables, check_images: jax.Array, target: jax.Array, *,
+             apply_fn: Callable, settings: Settings) -> tuple[ClassState, dict]:
+  """The step's attack success and mask norm, then Neural Cleanse's schedule.
+
+  Args:
+    state: the class's state after the step's updates.
+    variables, apply_fn: the model.
+    check_images: uint8 [N, H, W, C], the fixed images of S the current trigger is judged
+      on (forward only) when `settings.success_images` > 0; else unused.
+    target: int scalar, the class.
+    settings: the hyperparameters.
 
   Returns:
-    The new state (accumulators reset; a stopped class's schedule frozen) and the step's
-    means {'success', 'l1', 'loss'} over its mini-batches.
+    The new state (accumulators reset) and the step's {'success', 'l1', 'loss'}: the
+    success and norm the schedule judged, and the mean loss over the mini-batches.
   """
-  s = settings
-  success = state.success_sum / s.mini_batches
-  l1 = state.l1_sum / s.mini_batches
-  means = {"success": success, "l1": l1, "loss": state.loss_sum / s.mini_batches}
-  succeeded = success >= s.attack_success_threshold
-
-  better = succeeded & (l1 < state.best_l1)
-  best_mask = jnp.where(better, jax.nn.sigmoid(state.theta_mask), state.best_mask)
-  best_pattern = jnp.where(better, jax.nn.sigmoid(state.theta_pattern), state.best_pattern)
-  best_l1 = jnp.where(better, l1, state.best_l1)
-
-  stalled = jnp.isfinite(best_l1) & (best_l1 >= s.early_stop_threshold * state.early_stop_best)
-  early_stop_count = jnp.where(stalled, state.early_stop_count + 1,
-                               jnp.where(jnp.isfinite(best_l1), 0, state.early_stop_count))
-  stop = (state.cost_went_up & state.cost_went_down
-          & (early_stop_count >= s.early_stop_patience))
-
-  set_count = jnp.where((state.cost == 0) & succeeded, state.cost_set_count + 1, 0)
-  cost_set = set_count >= s.patience
-  cost = jnp.where(cost_set, jnp.float32(s.init_cost), state.cost)
-  up_count = jnp.where(cost_set, 0, state.cost_up_count)
-  down_count = jnp.where(cost_set, 0, state.cost_down_count)
-  went_up = state.cost_went_up & ~cost_set
-  went_down = state.cost_went_down & ~cost_set
-
-  up_count = jnp.where(succeeded, up_count + 1, 0)
-  down_count = jnp.where(succeeded, 0, down_count + 1)
-  raise_cost = up_count >= s.patience
-  lower_cost = ~raise_cost & (down_count >= s.patience)
-  cost = jnp.where(raise_cost, cost * s.cost_multiplier,
-                   jnp.where(lower_cost, cost / s.cost_multiplier ** 1.5, cost))
-
-  new = state._replace(
-      cost=cost, cost_set_count=set_count,
-      cost_up_count=jnp.where(raise_cost, 0, up_count),
-      cost_down_count=jnp.where(lower_cost, 0, down_count),
-      cost_went_up=went_up | raise_cost, cost_went_down=went_down | lower_cost,
-      best_mask=best_mask, best_pattern=best_pattern, best_l1=best_l1,
-      early_stop_count=early_stop_count,
-      early_stop_best=jnp.minimum(best_l1, state.early_stop_best), stopped=stop)
-  new = jax.tree.map(lambda old, fresh: jnp.where(state.stopped, old, fresh), state, new)
+  mask, pattern = to_unit(state.theta_mask), to_unit(state.theta_pattern)
+  if settings.success_images:
+    logits, _ = apply_fn(variables, _stamp(state, check_images))
+    success = jnp.mean(jnp.argmax(logits, -1) == target)
+    l1 = jnp.sum(mask)
+  else:
+    success = state.success_sum / settings.mini_batches
+    l1 = state.l1_sum / settings.mini_batches
+  schedule = nc_schedule.after_step(state.schedule, settings.schedule, success=success, l1=l1,
+                                    mask=mask, pattern=pattern)
   zero = jnp.float32(0)
-  return new._replace(success_sum=zero, l1_sum=zero, loss_sum=zero), means
+  new = state._replace(schedule=schedule, success_sum=zero, l1_sum=zero, loss_sum=zero)
+  return new, {"success": success, "l1": l1, "loss": state.loss_sum / settings.mini_batches}
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,14 +238,14 @@ def compiled(apply_fn: Callable, settings: Settings, vmapped: bool) -> tuple[Cal
   """The jitted (update, end_step) pair: over all classes at once, or for one class.
 
   Vmapped, the state and targets carry a leading class axis and the model's variables
-  and the batch are shared.
+  and the images are shared.
   """
   step = functools.partial(update, apply_fn=apply_fn, settings=settings)
-  finish = functools.partial(end_step, settings=settings)
+  finish = functools.partial(end_step, apply_fn=apply_fn, settings=settings)
   if vmapped:
     step = jax.vmap(step, in_axes=(0, None, None, None, 0))
-    finish = jax.vmap(finish)
-  return jax.jit(step, donate_argnums=0), jax.jit(finish)
+    finish = jax.vmap(finish, in_axes=(0, None, None, 0))
+  return jax.jit(step, donate_argnums=0), jax.jit(finish, donate_argnums=0)
 
 
 class BatchOrder:
@@ -280,18 +267,27 @@ class BatchOrder:
     return self._order[position * self._batch:(position + 1) * self._batch]
 
 
+def check_images(images: jax.Array, key: jax.Array, settings: Settings) -> jax.Array:
+  """The fixed images of S each step's success is judged on: `success_images` of them,
+  drawn with `key` (all of S when it has fewer); empty when success is NC's batch mean."""
+  count = min(settings.success_images, images.shape[0])
+  rows = jax.random.permutation(key, images.shape[0])[:count]
+  return images[jnp.sort(rows)]
+
+
 def _optimise(step_fns, state: ClassState, variables, images, targets, *, key: jax.Array,
               settings: Settings, start_step: int,
               on_step: Callable[[int, ClassState, dict], None] | None) -> ClassState:
   update_fn, end_fn = step_fns
-  order = BatchOrder(key, images.shape[0], settings.batch_size)
+  order = BatchOrder(jax.random.fold_in(key, 0), images.shape[0], settings.batch_size)
+  checked = check_images(images, jax.random.fold_in(key, 1), settings)
   for step in range(start_step, settings.steps):
-    if bool(np.all(np.asarray(state.stopped))):
+    if bool(np.all(np.asarray(state.schedule.stopped))):
       break
     for i in range(settings.mini_batches):
       state = update_fn(state, variables, images, order(step * settings.mini_batches + i),
                         targets)
-    state, means = end_fn(state)
+    state, means = end_fn(state, variables, checked, targets)
     loss = np.asarray(means["loss"])
     if not np.all(np.isfinite(loss)):
       raise ReverseDiverged(f"the reverse-engineering loss became {loss} at step {step}; "
@@ -312,7 +308,7 @@ def solve(apply_fn: Callable, variables, images: ArrayLike, *, num_classes: int,
     images: S, uint8 [N, H, W, C].
     num_classes: K; class c is solved for target c.
     key: PRNG key; `fold_in(key, 0)` draws the initial masks and patterns,
-      `fold_in(key, 1)` the batches.
+      `fold_in(key, 1)` the batches and the images success is judged on.
     settings: the hyperparameters.
     state: a state to resume from (a checkpoint taken after step `start_step`).
     start_step: the number of steps `state` has run.
@@ -352,48 +348,12 @@ def solve_per_class(apply_fn: Callable, variables, images: ArrayLike, *, num_cla
 
 def result(state: ClassState) -> Reversed:
   """Each class's best mask and pattern (its last ones if it never succeeded)."""
-  sigmoid = lambda logits: 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
-  succeeded = np.isfinite(np.asarray(state.best_l1))
-  masks = np.where(succeeded[:, None, None], np.asarray(state.best_mask),
-                   sigmoid(state.theta_mask))
-  patterns = np.where(succeeded[:, None, None, None], np.asarray(state.best_pattern),
-                      sigmoid(state.theta_pattern))
+  to_unit_np = lambda theta: np.tanh(np.asarray(theta, np.float64)) / 2 + 0.5
+  schedule = state.schedule
+  succeeded = np.isfinite(np.asarray(schedule.best_l1))
+  masks = np.where(succeeded[:, None, None], np.asarray(schedule.best_mask),
+                   to_unit_np(state.theta_mask))
+  patterns = np.where(succeeded[:, None, None, None], np.asarray(schedule.best_pattern),
+                      to_unit_np(state.theta_pattern))
   masks, patterns = masks.astype(np.float32), patterns.astype(np.float32)
   return Reversed(masks, patterns, masks.sum(axis=(1, 2)), succeeded)
-
-
-def anomaly_index(norms: ArrayLike) -> jax.Array:
-  """`|n_c - median(n)| / (1.4826 * MAD(n))` for mask norms n [K]; returns [K] float32.
-
-  Where the MAD is 0, a norm off the median scores inf and one on it 0.
-  """
-  norms = jnp.asarray(norms, jnp.float32)
-  chex.assert_rank(norms, 1)
-  median = jnp.median(norms)
-  deviation = jnp.abs(norms - median)
-  mad = MAD_CONSISTENCY * jnp.median(deviation)
-  safe_mad = jnp.where(mad > 0, mad, 1.0)
-  return jnp.where(mad > 0, deviation / safe_mad, jnp.where(deviation > 0, jnp.inf, 0.0))
-
-
-def flagged(norms: ArrayLike, *, threshold: float = 2.0,
-            eligible: ArrayLike | None = None) -> int | None:
-  """The suspected target: of the classes whose norm is below the median and whose anomaly
-  index exceeds `threshold`, the one of smallest norm; None if there is none.
-
-  Args:
-    norms: [K] mask norms.
-    threshold: the anomaly index a class must exceed.
-    eligible: optional [K] bool; only these classes can be flagged (the stage passes
-      `Reversed.succeeded`: a mask that never flipped S is no trigger). All classes count
-      in the median and the MAD.
-  """
-  norms = np.asarray(norms, np.float32)
-  index = np.asarray(anomaly_index(norms))
-  candidates = (norms < np.median(norms)) & (index > threshold)
-  if eligible is not None:
-    candidates &= np.asarray(eligible, bool)
-  candidates = np.flatnonzero(candidates)
-  if not len(candidates):
-    return None
-  return int(candidates[np.argmin(norms[candidates])])

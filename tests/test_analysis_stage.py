@@ -55,6 +55,18 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
   delta = float(row["delta"])
   assert delta == pytest.approx(float(row["triggered_mean"]) - float(row["clean_mean"]))
   assert delta == pytest.approx(report["shifts"]["backdoored"]["real"]["conv3_2"]["linf"][5])
+  # The summaries, recomputed with NumPy from the stage's own saved moments (METHOD.md).
+  for kind in ("backdoored", "vanilla"):
+    with np.load(os.path.join(stage_dir, f"{kind}.npz")) as saved:
+      mean = saved["moments/conv3_2/mean"]
+    for n, norm in enumerate(norms.NORMS):
+      clean, delta = mean[0, n], mean[1, n] - mean[0, n]
+      positive = np.maximum(delta, 0.0)
+      top = np.sort(positive)[::-1][:max(1, len(delta) // 100)].sum()
+      expected = {"z": (delta.max() - delta.mean()) / delta.std(),
+                  "top1_share": top / positive.sum() if positive.sum() > 0 else 0.0,
+                  "rel": delta.max() / max(clean[np.argmax(delta)], 0.01 * clean.mean())}
+      assert entry[kind]["conv3_2"][norm] == pytest.approx(expected, rel=1e-4, abs=1e-6), norm
 
   # Skip: a finished stage does not run again.
   monkeypatch.setitem(pipeline.STAGES, "analysis", lambda ctx: pytest.fail("analysis reran"))
@@ -80,7 +92,8 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
   mask[:4, :4] = 0.9
   mask[4:, 4:] = 0.01
   pattern = np.full((32, 32, 3), 0.5, np.float32)
-  np.savez(reverse_stage.synthetic_trigger_path(workdir), mask=mask, pattern=pattern, target=0)
+  np.savez(reverse_stage.synthetic_trigger_path(workdir), mask=mask, pattern=pattern, target=0,
+           flagged=True)
   _drop_analysis()
   with_synthetic = pipeline.run(config, workdir, progress=False)["analysis"]
   _check_entry(with_synthetic, ["conv2_2", "conv3_2"], ["real", "synthetic"])
@@ -91,7 +104,7 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
   assert with_synthetic["attention"]["vanilla"]["real"] == pytest.approx(
       entry["attention"]["vanilla"]["real"])
   assert os.path.exists(os.path.join(stage_dir, "shifts_synthetic_conv3_2.png"))
-  trigger, _ = reverse_stage.load_synthetic_trigger(workdir, (32, 32, 3))
+  trigger, _, _ = reverse_stage.load_synthetic_trigger(workdir, (32, 32, 3), 10)
   region = analysis.synthetic_region(trigger)
   assert region.sum() == 16 and region[:4, :4].all()
 
@@ -99,11 +112,15 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
 def test_synthetic_trigger_of_wrong_shape_is_refused(tmp_path):
   os.makedirs(tmp_path / "reverse")
   np.savez(tmp_path / "reverse" / "synthetic_trigger.npz", mask=np.zeros((32, 32)),
-           pattern=np.zeros((32, 32, 3)), target=0)
+           pattern=np.zeros((32, 32, 3)), target=0, flagged=True)
   with pytest.raises(ValueError, match=r"mask \(32, 32\)"):
-    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3))
+    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3), 10)
   np.savez(tmp_path / "reverse" / "synthetic_trigger.npz", mask=np.zeros((32, 32, 1)),
-           pattern=np.zeros((32, 32, 3)))
+           pattern=np.zeros((32, 32, 3)), flagged=False)
   with pytest.raises(ValueError, match=r"lacks arrays \['target'\]"):
-    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3))
-  assert reverse_stage.load_synthetic_trigger(str(tmp_path / "absent"), (32, 32, 3)) is None
+    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3), 10)
+  np.savez(tmp_path / "reverse" / "synthetic_trigger.npz", mask=np.zeros((32, 32, 1)),
+           pattern=np.zeros((32, 32, 3)), flagged=False, target=-1)
+  with pytest.raises(ValueError, match=r"target -1 is not a class"):
+    reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3), 10)
+  assert reverse_stage.load_synthetic_trigger(str(tmp_path / "absent"), (32, 32, 3), 10) is None

@@ -96,7 +96,47 @@ def test_normalisation_is_the_input_layer():
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_preact_block_output_is_residual_sum_in_train_mode():
+def _conv(x, kernel, stride=1, padding=1):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _batch_norm(x, params, stats):
+  """Flax's BatchNorm in evaluation mode (epsilon 1e-5), written out."""
+  channel = lambda v: jnp.reshape(v, (1, 1, 1, -1))
+  return ((x - channel(stats["mean"])) / jnp.sqrt(channel(stats["var"]) + 1e-5)
+          * channel(params["scale"]) + channel(params["bias"]))
+
+
+@pytest.mark.parametrize("block, projected", [("block1_1", False), ("block2_1", True)])
+def test_preact_block_output_is_the_residual_sum(block, projected):
+  """The probed activation of a pre-activation block is `conv(relu(bn(conv(relu(bn(x)))))) +
+  shortcut`, with no ReLU after the add (METHOD.md, "Activation norms"), computed by hand."""
+  model = models.create("preact_resnet18", num_classes=10, width=0.0625,
+                        probe_layers=(block,))
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  # Non-trivial batch statistics, so that the normalisation is exercised.
+  variables = {"params": variables["params"], "batch_stats": jax.tree.map(
+      lambda leaf: leaf + 0.25 * jax.random.uniform(jax.random.key(1), leaf.shape),
+      variables["batch_stats"])}
+  x = jax.random.uniform(jax.random.key(5), (2, 32, 32, 3))
+  previous = {"block1_1": "conv1", "block2_1": "block1_2"}[block]
+  h, _ = model.apply(variables, x, stop=previous)
+  params, stats = variables["params"][block], variables["batch_stats"][block]
+  a = jax.nn.relu(_batch_norm(h, params["BatchNorm_0"], stats["BatchNorm_0"]))
+  stride = 2 if projected else 1
+  convs = ("Conv_1", "Conv_2") if projected else ("Conv_0", "Conv_1")
+  out = _conv(a, params[convs[0]]["kernel"], stride)
+  out = jax.nn.relu(_batch_norm(out, params["BatchNorm_1"], stats["BatchNorm_1"]))
+  out = _conv(out, params[convs[1]]["kernel"])
+  shortcut = _conv(a, params["Conv_0"]["kernel"], stride, 0) if projected else h
+  expected = out + shortcut
+  _, activations = model.apply(variables, x)
+  np.testing.assert_allclose(activations[block], expected, rtol=1e-4, atol=1e-4)
+  assert float(jnp.min(expected)) < 0.0, "a residual sum without a ReLU has negative values"
+
+
+def test_preact_network_updates_batch_statistics_in_train_mode():
   model = models.create("preact_resnet18", num_classes=10, width=0.0625)
   variables = models.init(model, jax.random.key(0), (32, 32, 3))
   x = jax.random.uniform(jax.random.key(5), (4, 32, 32, 3))
@@ -105,3 +145,20 @@ def test_preact_block_output_is_residual_sum_in_train_mode():
   before = jax.tree.leaves(variables["batch_stats"])
   after = jax.tree.leaves(updates["batch_stats"])
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("head_pool, reference", [
+    ("avg", lambda h: h.mean(axis=(1, 2))),
+    ("max", lambda h: h.max(axis=(1, 2))),
+    ("max2_avg", lambda h: h.reshape(h.shape[0], h.shape[1] // 2, 2, h.shape[2] // 2, 2,
+                                     h.shape[3]).max(axis=(2, 4)).mean(axis=(1, 2))),
+])
+def test_head_pooling_against_numpy(head_pool, reference):
+  model = models.create("cnn", num_classes=10, width=0.125, head_pool=head_pool)
+  variables = models.init(model, jax.random.key(0), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(6), (3, 32, 32, 3))
+  logits, activations = jax.jit(model.apply)(variables, x)
+  features = np.asarray(activations["conv3_2"], np.float64)
+  dense = variables["params"]["head"]
+  expected = reference(features) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])[None]
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)

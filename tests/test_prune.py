@@ -18,7 +18,8 @@ from linfjax.stages import prune as prune_stage
 from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
 
-METHODS = ("linf", "l2", "l1", "fine_pruning")
+METHODS = ("linf", "l2", "l1", "linf_ft", "l2_ft", "l1_ft", "linf_layers", "linf_layers_ft",
+           "fine_pruning", "fine_tuning")
 ENTRY_KEYS = {"r_star", "CA", "ASR_real", "ASR_defender", "dCA", "dASR", "DER"}
 
 
@@ -97,9 +98,9 @@ def test_vmapped_sweep_equals_one_full_pass_per_level(layer):
   stack = prune.masks(order, prune.level_counts([0.1, 0.3, 0.6, 0.9], num_neurons,
                                                 unit="fraction"))
   # Five masks in chunks of two: two vmapped chunks and a remainder, in one call.
-  swept = jax.jit(prune.masked_logits, static_argnames=("apply_fn", "layer", "mask_batch"))(
-      variables, jnp.asarray(images), (trigger,), jnp.asarray(stack), apply_fn=model.apply,
-      layer=layer, mask_batch=2)
+  swept = jax.jit(prune.masked_logits, static_argnames=("apply_fn", "start", "mask_batch"))(
+      variables, jnp.asarray(images), (trigger,), {layer: jnp.asarray(stack)},
+      apply_fn=model.apply, start=layer, mask_batch=2)
   assert swept.shape == (5, 2, 24, 10)
   full = jax.jit(lambda v, x, m: model.apply(v, x, {layer: m})[0])
   x = images.astype(np.float32) / 255.0
@@ -109,8 +110,8 @@ def test_vmapped_sweep_equals_one_full_pass_per_level(layer):
   np.testing.assert_allclose(swept, reference, rtol=1e-4, atol=1e-5)
   assert np.abs(reference[0] - reference[-1]).max() > 1e-3, "the masks change the logits"
 
-  result = prune.sweep(model.apply, variables, images, labels, trigger, stack, layer=layer,
-                       target=0, mode="all_to_one", num_classes=10, batch_size=10,
+  result = prune.sweep(model.apply, variables, images, labels, trigger, {layer: stack},
+                       start=layer, target=0, mode="all_to_one", num_classes=10, batch_size=10,
                        mask_batch=8)
   for i in range(len(stack)):
     expected = metrics.attack_metrics(reference[i, 0].argmax(-1), reference[i, 1].argmax(-1),
@@ -127,6 +128,62 @@ def test_vmapped_sweep_equals_one_full_pass_per_level(layer):
 ])
 def test_r_star_on_hand_made_curves(asr, ca, expected):
   assert prune.choose_level(asr, ca, ca_reference=ca[0], tau=5.0, delta=3.0) == expected
+
+
+def test_masks_on_several_layers_equal_one_full_pass_per_model():
+  model, variables = _small_cnn()
+  images = jax.random.uniform(jax.random.key(10), (6, 32, 32, 3))
+  trigger = _patch()
+  stacks = {"conv2_2": prune.masks(np.arange(16), [0, 4, 8]),
+            "conv3_2": prune.masks(np.arange(32)[::-1], [0, 16, 2])}
+  swept = prune.masked_logits(variables, images, (trigger,), stacks, apply_fn=model.apply,
+                              start="conv2_2", mask_batch=1)
+  full = jax.jit(lambda v, x, m: model.apply(v, x, m)[0])
+  for i in range(3):
+    mask_dict = {layer: stack[i] for layer, stack in stacks.items()}
+    np.testing.assert_allclose(swept[i, 0], full(variables, images, mask_dict), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(swept[i, 1], full(variables, triggers.apply(trigger, images),
+                                                 mask_dict), rtol=1e-4, atol=1e-5)
+  with pytest.raises(KeyError, match="start layer 'conv1_1' has no masks"):
+    prune.masked_logits(variables, images, (), stacks, apply_fn=model.apply, start="conv1_1")
+
+
+def test_multi_layer_masks_per_layer_and_joint():
+  scores = {"a": np.array([0.1, 5.0, 0.3, 2.0]), "b": np.array([1.0, 0.0, 4.0, 3.0, 0.5, 6.0,
+                                                                0.2, 0.4])}
+  pruned, stacks = prune.multi_layer_masks(scores, [0.0, 0.25, 0.5], scope="per_layer")
+  np.testing.assert_array_equal(pruned, [0, 3, 6])  # 25 %: 1 of a, 2 of b; 50 %: 2 and 4.
+  np.testing.assert_array_equal(np.flatnonzero(stacks["a"][1] == 0), [1])
+  np.testing.assert_array_equal(np.flatnonzero(stacks["b"][1] == 0), [2, 5])
+  np.testing.assert_array_equal(np.flatnonzero(stacks["b"][2] == 0), [0, 2, 3, 5])
+  pruned, stacks = prune.multi_layer_masks(scores, [0.0, 0.25, 0.5], scope="joint")
+  np.testing.assert_array_equal(pruned, [0, 3, 6])  # Of 12 neurons: the top 3, then 6.
+  np.testing.assert_array_equal(np.flatnonzero(stacks["a"][1] == 0), [1])  # 5.0
+  np.testing.assert_array_equal(np.flatnonzero(stacks["b"][1] == 0), [2, 5])  # 6.0, 4.0
+  np.testing.assert_array_equal(np.flatnonzero(stacks["a"][2] == 0), [1, 3])  # + 2.0
+  np.testing.assert_array_equal(np.flatnonzero(stacks["b"][2] == 0), [0, 2, 3, 5])  # + 3, 1
+  with pytest.raises(ValueError, match="unknown multi-layer ranking"):
+    prune.multi_layer_masks(scores, [0.1], scope="both")
+
+
+def test_relative_shift_divides_by_the_clean_norm_with_a_floor():
+  mean = np.zeros((2, 3, 4))
+  mean[0, 2] = [1.0, 2.0, 0.0, 4.0]  # Clean linf norms; neuron 2 is silent.
+  mean[1, 2] = [2.0, 3.0, 1.0, 4.0]
+  moments = prune.norms.Moments(10.0, mean, np.zeros_like(mean))
+  floor = 0.01 * np.mean([1.0, 2.0, 0.0, 4.0])
+  np.testing.assert_allclose(prune.relative_shifts(moments, norm="linf"),
+                             [1.0, 0.5, 1.0 / floor, 0.0])
+
+
+@pytest.mark.parametrize("ca, expected", [
+    ([80, 80, 79, 78, 76.9, 79.5], 3),  # Stops before the first drop beyond 3 points.
+    ([80, 79, 78, 77.5, 77], 4),  # Never beyond: the most pruned level.
+    ([80, 70, 80], 0),  # The first level already drops too far.
+])
+def test_fine_pruning_prunes_until_the_clean_accuracy_drops(ca, expected):
+  assert prune.fine_pruning_level(ca, ca_reference=ca[0], delta=3.0) == expected
 
 
 def test_defense_entry_der_matches_metrics_der():
@@ -192,11 +249,13 @@ def _read_csv(path):
     return list(csv.DictReader(f))
 
 
+SINGLE_LAYER = ("linf", "l2", "l1", "fine_pruning")
+
+
 def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   config = tiny_config(cifar_dir)
   config.stages = ("train", "reverse", "prune")
-  config.prune.fine_tune = True
   ctx = pipeline.make_context(config, workdir, progress=False)
   model = ctx.model()
   variables = models.init(model, jax.random.key(9), ctx.dataset.image_shape)
@@ -206,40 +265,54 @@ def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypa
                             num_classes=10, batch_size=32)
 
   skipped = prune_stage.run(ctx)
-  assert skipped["synthetic"] == {"skipped": prune_stage.NOT_FLAGGED}
+  assert skipped["synthetic"] == {"skipped": prune_stage.NO_SYNTHETIC_TRIGGER}
   assert set(skipped["real"]) == set(METHODS)
 
   mask = np.zeros((32, 32, 1), np.float32)
   mask[-4:, -4:] = 1.0
   os.makedirs(os.path.join(workdir, "reverse"), exist_ok=True)
   np.savez(os.path.join(workdir, "reverse", "synthetic_trigger.npz"), mask=mask,
-           pattern=np.ones((32, 32, 3), np.float32), target=np.int64(3))
+           pattern=np.ones((32, 32, 3), np.float32), target=np.int64(3), flagged=False)
   result = prune_stage.run(ctx)
   assert set(result) == {"synthetic", "real"}
   assert result["real"] == skipped["real"]
   stage_dir = os.path.join(workdir, "prune")
+  layers = models.layer_names(model)
   for source in ("synthetic", "real"):
     assert set(result[source]) == set(METHODS)
     rows = _read_csv(os.path.join(stage_dir, f"sweep_{source}.csv"))
-    # conv3_2 of the width-0.125 CNN has 16 neurons; the default grid gives 15 counts.
-    assert len(rows) == 4 * 15
+    # conv3_2 of the width-0.125 CNN has 16 neurons; the default grid gives 15 counts, and
+    # the multi-layer sweep has 16 levels.
+    assert len(rows) == 4 * 15 + 16
     for method in METHODS:
       entry = result[source][method]
       assert set(entry) == ENTRY_KEYS
-      method_rows = [r for r in rows if r["method"] == method]
-      chosen = [r for r in method_rows if r["r_star"] == "1"]
-      assert len(chosen) == 1 and int(chosen[0]["r"]) == entry["r_star"]
-      assert [int(r["r"]) for r in method_rows] == list(range(15))
-      assert float(method_rows[0]["CA"]) == pytest.approx(before["CA"], abs=1e-3)
-      assert float(method_rows[0]["ASR_real"]) == pytest.approx(before["ASR"], abs=1e-3)
       assert entry["DER"] == pytest.approx(metrics.der(
           ca_before=before["CA"], ca_after=entry["CA"], asr_before=before["ASR"],
           asr_after=entry["ASR_real"]), abs=1e-3)
-    with open(os.path.join(stage_dir, f"curves_{source}.png"), "rb") as f:
-      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for method in SINGLE_LAYER + ("linf_layers",):
+      method_rows = [r for r in rows if r["method"] == method]
+      chosen = [r for r in method_rows if r["r_star"] == "1"]
+      assert len(chosen) == 1 and int(chosen[0]["r"]) == result[source][method]["r_star"]
+    for method in SINGLE_LAYER:
+      method_rows = [r for r in rows if r["method"] == method]
+      assert [int(r["r"]) for r in method_rows] == list(range(15))
+      assert float(method_rows[0]["CA"]) == pytest.approx(before["CA"], abs=1e-3)
+      assert float(method_rows[0]["ASR_real"]) == pytest.approx(before["ASR"], abs=1e-3)
+      if method != "fine_pruning":
+        chosen = next(r for r in method_rows if r["r_star"] == "1")
+        assert result[source][method]["CA"] == pytest.approx(float(chosen["CA"]), abs=1e-3)
+    assert result[source]["fine_tuning"]["r_star"] == 0
+    assert result[source]["linf_layers"]["r_star"] == result[source]["linf_layers_ft"]["r_star"]
+    for name in (f"curves_{source}.png", f"curves_{source}_layers.png"):
+      with open(os.path.join(stage_dir, name), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(os.path.join(stage_dir, "sweep_synthetic.json")) as f:
     record = json.load(f)
-  assert record["target"] == 3 and set(record["fine_tuned"]) == set(METHODS)
+  assert record["target"] == 3
+  assert set(record["evaluated"]) == {"linf_ft", "l2_ft", "l1_ft", "linf_layers",
+                                      "linf_layers_ft", "fine_pruning", "fine_tuning"}
+  assert set(record["multi_layer"]["linf_layers"]["scores"]) == set(layers)
 
   monkeypatch.setattr(prune, "sweep", lambda *a, **k: pytest.fail("finished sweep recomputed"))
   monkeypatch.setattr(finetune, "fine_tune", lambda *a, **k: pytest.fail("fine-tuned again"))
@@ -248,3 +321,22 @@ def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypa
   config.prune.update(level_unit="count", levels=(3, 17))
   with pytest.raises(config_lib.ConfigError, match=r"config.prune.levels: .*\[0, 16\]"):
     prune_stage.run(ctx)
+
+
+def test_levels_are_chosen_on_the_clean_set_only(cifar_dir, tmp_path, monkeypatch):
+  """Another test split changes the reported numbers but no method's level."""
+  chosen, reported = [], []
+  for test_limit in (0, 12):
+    config = tiny_config(cifar_dir)
+    config.stages = ("train", "reverse", "prune")
+    config.data.test_limit = test_limit
+    ctx = pipeline.make_context(config, str(tmp_path / f"run{test_limit}"), progress=False)
+    model = ctx.model()
+    variables = models.init(model, jax.random.key(9), ctx.dataset.image_shape)
+    monkeypatch.setattr(train_stage, "load_trained", lambda ctx, kind: (model, variables))
+    result = prune_stage.run(ctx)["real"]
+    chosen.append({method: entry["r_star"] for method, entry in result.items()})
+    reported.append({method: entry["CA"] for method, entry in result.items()})
+  assert len(ctx.dataset.test_labels) == 12
+  assert chosen[0] == chosen[1]
+  assert reported[0] != reported[1]

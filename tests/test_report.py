@@ -9,23 +9,29 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from linfjax import pipeline, report
+from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
+from test_reverse import PlantedModel
 
 RESULTS = {
     "seed": 0,
     "train": {"backdoored": {"CA": 61.234, "ASR": 97.5, "RA": 2.25},
               "vanilla": {"CA": 63.75, "ASR": 4.125, "RA": 60.5},
               "poisoned": 458, "clean_set": 500},
-    "reverse": {"flagged": None, "anomaly_index": [0.5, 1.25], "mask_l1": [30.0, 41.5],
-                "vanilla": {"flagged": None, "anomaly_index": [0.75, 0.5],
-                            "mask_l1": [44.0, 40.0]}},
+    "reverse": {"flagged": None, "suspect": 0, "anomaly_index": [0.5, 1.25],
+                "log_index": [2.375, None], "mask_l1": [30.0, 41.5], "succeeded": [True, False],
+                "vanilla": {"flagged": None, "suspect": 1, "anomaly_index": [0.75, 0.5],
+                            "log_index": [0.625, 0.25], "mask_l1": [44.0, 40.0],
+                            "succeeded": [True, True]}},
     "analysis": {"backdoored": {"conv3_2": {"linf": {"z": 7.125, "top1_share": 0.3125,
                                                      "rel": 4.5}}},
                  "vanilla": {"conv3_2": {"linf": {"z": 2.875, "top1_share": 0.0625,
                                                   "rel": 0.5}}},
                  "attention": {"backdoored": {"clean": 0.125, "real": 0.8125},
                                "vanilla": {"clean": 0.0625, "real": 0.1875}}},
-    "prune": {"synthetic": {"skipped": "no class flagged by reverse engineering"},
+    "prune": {"synthetic": {"linf_layers_ft": {"r_star": 17, "CA": 58.125, "ASR_real": 4.875,
+                                               "ASR_defender": 0.25, "dCA": 3.109,
+                                               "dASR": 92.625, "DER": 94.758}},
               "real": {"linf": {"r_star": 3, "CA": 59.875, "ASR_real": 1.625,
                                 "ASR_defender": 1.5, "dCA": 1.359, "dASR": 95.875,
                                 "DER": 97.258}}},
@@ -64,9 +70,11 @@ def test_report_holds_the_numbers_and_embeds_every_figure(tmp_path):
   assert path == os.path.join(workdir, "report.html")
   with open(path) as f:
     text = f.read()
-  for number in ("61.23", "97.50", "63.75", "59.88", "1.62", "97.26", "7.125", "0.812", "41.50"):
+  for number in ("61.23", "97.50", "63.75", "59.88", "1.62", "97.26", "7.125", "0.812", "41.50",
+                 "2.38", "58.12", "94.76"):
     assert number in text, number
-  assert "skipped: no class flagged by reverse engineering" in text
+  assert "no class flagged; most suspicious class 0" in text
+  assert "<b>not flagged</b> by Neural Cleanse" in text
   assert "<h2>Other figures</h2>" in text and "elsewhere/extra.png" in text
   assert sorted(_embedded(text)) == sorted(figures.values())
   assert text.index("reverse/backdoored/triggers.png") < text.index("prune/curves_real.png")
@@ -97,9 +105,9 @@ def test_pipeline_end_to_end_writes_prune_results_and_report(cifar_dir, tmp_path
     assert json.load(f) == results
   assert set(results) == {"seed", "train", "reverse", "analysis", "prune"}
   assert set(results["prune"]) == {"synthetic", "real"}
-  assert set(results["prune"]["real"]) == {"linf", "l2", "l1", "fine_pruning"}
-  if results["reverse"]["flagged"] is None:
-    assert results["prune"]["synthetic"] == {"skipped": "no class flagged by reverse engineering"}
+  methods = {"linf", "l2", "l1", "linf_ft", "l2_ft", "l1_ft", "linf_layers", "linf_layers_ft",
+             "fine_pruning", "fine_tuning"}
+  assert set(results["prune"]["real"]) == set(results["prune"]["synthetic"]) == methods
   path = os.path.join(workdir, "report.html")
   with open(path) as f:
     text = f.read()
@@ -114,3 +122,38 @@ def test_pipeline_end_to_end_writes_prune_results_and_report(cifar_dir, tmp_path
   assert pipeline.run(config, workdir, progress=False) == results  # Every stage finished.
   with open(path) as f:
     assert len(_embedded(f.read())) == len(pngs)
+
+
+def test_report_of_a_run_whose_planted_trigger_neural_cleanse_flags(cifar_dir, tmp_path,
+                                                                    monkeypatch):
+  """The realistic path end to end: reverse engineering (on a model with a planted backdoor)
+  flags class 6, and analysis, pruning and the report use its synthetic trigger."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(cifar_dir)
+  config.stages = ("train", "reverse", "analysis", "prune")
+  config.reverse.update(steps=40, mini_batches=2, batch_size=10, patience=4,
+                        early_stop_patience=8, checkpoint_every=10, success_images=0)
+  planted = {"backdoored": PlantedModel(10, target=6), "vanilla": PlantedModel(10)}
+  real_reverse = pipeline.STAGES["reverse"]
+
+  def planted_reverse(ctx):
+    with monkeypatch.context() as patched:
+      patched.setattr(train_stage, "load_trained", lambda ctx, kind: (planted[kind], {}))
+      return real_reverse(ctx)
+
+  monkeypatch.setitem(pipeline.STAGES, "reverse", planted_reverse)
+  results = pipeline.run(config, workdir, progress=False)
+  assert results["reverse"]["flagged"] == results["reverse"]["suspect"] == 6
+  assert results["reverse"]["vanilla"]["flagged"] is None
+  assert "synthetic" in results["analysis"]["attention"]["backdoored"]
+  with open(os.path.join(workdir, "prune", "sweep_synthetic.json")) as f:
+    assert json.load(f)["target"] == 6
+  with open(os.path.join(workdir, "report.html")) as f:
+    text = f.read()
+  assert "Backdoored model: <b>class 6 flagged</b>" in text
+  assert "class 6's: flagged by Neural Cleanse." in text
+  synthetic = text[text.index("synthetic trigger (the realistic setting)"):
+                   text.index("real trigger (analysis only)")]
+  for method, numbers in results["prune"]["synthetic"].items():
+    assert f"<td class=\"text\">{method}</td>" in synthetic
+    assert f"{numbers['ASR_defender']:.2f}" in synthetic and f"{numbers['DER']:.2f}" in synthetic

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import models, pipeline, reverse, triggers
+from linfjax import models, outliers, pipeline, reverse, triggers
 from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
@@ -43,8 +43,9 @@ class PlantedModel:
 
 def _settings(**overrides):
   values = dict(steps=40, mini_batches=2, batch_size=10, learning_rate=0.1, init_cost=1e-3,
-                cost_multiplier=2.0, patience=2, attack_success_threshold=0.99,
-                early_stop_threshold=1.0, early_stop_patience=4)
+                reset_cost_to_zero=True, cost_multiplier=2.0, patience=4,
+                attack_success_threshold=0.99, success_images=0, early_stop_threshold=1.0,
+                early_stop_patience=8)
   values.update(overrides)
   return reverse.Settings(**values)
 
@@ -74,106 +75,20 @@ def test_planted_trigger_is_recovered_and_flagged():
   _assert_on_patch(outcome.masks[6])
   on = outcome.masks[6][-PATCH:, -PATCH:] > 0.3
   assert np.all(outcome.patterns[6][-PATCH:, -PATCH:][on] > 0.8), "white where the mask is on"
-  assert reverse.flagged(l1) == 6
+  detection = outliers.detect(l1, outcome.succeeded)
+  assert detection.flagged == detection.suspect == 6
   held_out = _images(50, 32, seed=1).astype(np.float32) / 255.0
   stamped = triggers.apply(outcome.trigger(6), held_out)
   # NC asks for 99 % success on S only; the smallest such mask mostly carries over.
   assert np.mean(np.argmax(model.apply({}, stamped)[0], -1) == 6) >= 0.8
 
 
-def _nc_reference(successes, norms, s):
-  """Neural Cleanse's bookkeeping, transcribed loop by loop: costs after each step, stop step."""
-  cost, best, es_best = 0.0, np.inf, np.inf
-  set_count = up = down = es_count = 0
-  went_up = went_down = False
-  costs = []
-  for step, (success, norm) in enumerate(zip(successes, norms)):
-    if success >= s.attack_success_threshold and norm < best:
-      best = norm
-    if best < np.inf:
-      es_count = es_count + 1 if best >= s.early_stop_threshold * es_best else 0
-    es_best = min(best, es_best)
-    if went_up and went_down and es_count >= s.early_stop_patience:
-      return costs, step
-    if cost == 0 and success >= s.attack_success_threshold:
-      set_count += 1
-      if set_count >= s.patience:
-        cost, up, down, went_up, went_down = s.init_cost, 0, 0, False, False
-    else:
-      set_count = 0
-    if success >= s.attack_success_threshold:
-      up, down = up + 1, 0
-    else:
-      up, down = 0, down + 1
-    if up >= s.patience:
-      up, cost, went_up = 0, cost * s.cost_multiplier, True
-    elif down >= s.patience:
-      down, cost, went_down = 0, cost / s.cost_multiplier ** 1.5, True
-    costs.append(cost)
-  return costs, None
-
-
-def test_schedule_matches_neural_cleanse_step_by_step():
-  s = _settings(patience=2, early_stop_patience=3)
-  successes = [0.5, 1, 1, 1, 1, 1, 0.9, 0.2, 1, 0.3, 0.1, 1, 1, 1, 1, 1, 1, 1]
-  norms = [90, 80, 70, 60, 50, 40, 35, 30, 30, 30, 30, 30, 31, 32, 33, 34, 35, 36]
-  expected_costs, expected_stop = _nc_reference(successes, norms, s)
-  assert expected_stop is not None and len(set(expected_costs)) > 3
-  state = jax.tree.map(lambda leaf: leaf[0], reverse.init(jax.random.key(0), (4, 4, 3), 1, s))
-  finish = jax.jit(lambda state: reverse.end_step(state, settings=s))
-  costs, stopped_at = [], None
-  for step, (success, norm) in enumerate(zip(successes, norms)):
-    state = state._replace(success_sum=jnp.float32(success * s.mini_batches),
-                           l1_sum=jnp.float32(norm * s.mini_batches))
-    state, means = finish(state)
-    np.testing.assert_allclose(means["success"], success, rtol=1e-6)
-    if bool(state.stopped):
-      stopped_at = step
-      break
-    costs.append(float(state.cost))
-  assert stopped_at == expected_stop
-  np.testing.assert_allclose(costs, expected_costs, rtol=1e-6)
-  assert float(state.best_l1) == 30.0
-
-
-def _np_anomaly_index(norms):
-  median = np.median(norms)
-  return np.abs(norms - median) / (1.4826 * np.median(np.abs(norms - median)))
-
-
-@pytest.mark.parametrize("norms,expected", [
-    ([50, 52, 49, 51, 12, 50, 53, 48, 50, 51], 4),
-    ([50, 52, 49, 51, 47.5, 50, 53, 48, 50, 51], None),  # 53's index 2.02 is above the median
-    ([50, 52, 49, 51, 47.5, 50, 95, 48, 50, 51], None),  # only the large norm is an outlier
-    ([50, 10, 49, 51, 12, 50, 53, 48, 50, 51], 1),  # two flagged: the smallest norm wins
-])
-def test_anomaly_index_against_numpy(norms, expected):
-  norms = np.asarray(norms, np.float32)
-  np.testing.assert_allclose(jax.jit(reverse.anomaly_index)(norms), _np_anomaly_index(norms),
-                             rtol=1e-5)
-  assert reverse.flagged(norms) == expected
-
-
-def test_only_classes_whose_trigger_succeeded_can_be_flagged():
-  norms = np.array([50, 10, 49, 51, 12, 50, 53, 48, 50, 51], np.float32)
-  eligible = np.ones(10, bool)
-  eligible[1] = False
-  assert reverse.flagged(norms, eligible=eligible) == 4
-  eligible[4] = False
-  assert reverse.flagged(norms, eligible=eligible) is None
-
-
-def test_anomaly_index_with_zero_mad():
-  norms = np.array([50.0] * 9 + [10.0], np.float32)
-  np.testing.assert_array_equal(reverse.anomaly_index(norms), [0.0] * 9 + [np.inf])
-  assert reverse.flagged(norms) == 9
-
-
-def test_vmapped_solve_equals_per_class_loop():
+@pytest.mark.parametrize("success_images", [0, 12])
+def test_vmapped_solve_equals_per_class_loop(success_images):
   model = models.create("cnn", num_classes=4, width=0.125)
   variables = jax.jit(lambda key: models.init(model, key, (16, 16, 3)))(jax.random.key(0))
   settings = _settings(steps=3, mini_batches=2, batch_size=8, patience=1,
-                       attack_success_threshold=0.3)
+                       attack_success_threshold=0.3, success_images=success_images)
   images = _images(24, 16)
   kwargs = dict(num_classes=4, key=jax.random.key(3), settings=settings)
   together = reverse.solve(model.apply, variables, images, **kwargs)
@@ -181,15 +96,45 @@ def test_vmapped_solve_equals_per_class_loop():
   for name, a, b in zip(reverse.ClassState._fields, together, one_by_one):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5,
                                                          err_msg=name), a, b)
-  assert np.ptp(np.asarray(together.cost)) > 0, "the classes follow their own schedules"
+  assert np.ptp(np.asarray(together.schedule.cost)) > 0, "the classes follow their own schedules"
+
+
+def test_step_success_is_judged_on_fixed_images_by_a_forward_pass():
+  """With success_images, a step's success is the current trigger's on the fixed images."""
+  model = PlantedModel(10, target=6)
+  settings = _settings(steps=1, mini_batches=1, success_images=16)
+  images = _images(40, 32)
+  key = jax.random.key(0)
+  seen = {}
+  reverse.solve(model.apply, {}, images, num_classes=10, key=key, settings=settings,
+                on_step=lambda step, state, means: seen.update(state=state, means=means))
+  state = seen["state"]
+  checked = reverse.check_images(jnp.asarray(images), jax.random.fold_in(
+      jax.random.fold_in(key, 1), 1), settings)
+  assert checked.shape == (16, 32, 32, 3)
+  for c in range(10):
+    mask = reverse.to_unit(state.theta_mask[c])
+    pattern = reverse.to_unit(state.theta_pattern[c])
+    stamped = triggers.apply(triggers.Trigger(mask[..., None], pattern),
+                             np.asarray(checked, np.float32) / 255.0)
+    expected = np.mean(np.argmax(model.apply({}, stamped)[0], -1) == c)
+    np.testing.assert_allclose(seen["means"]["success"][c], expected)
+    np.testing.assert_allclose(seen["means"]["l1"][c], float(np.sum(mask)), rtol=1e-5)
+
+
+def test_patiences_are_updates_counted_in_steps():
+  settings = _settings(mini_batches=4, patience=8, early_stop_patience=10)
+  assert (settings.schedule.patience, settings.schedule.early_stop_patience) == (2, 3)
+  assert _settings(mini_batches=16, patience=1).schedule.patience == 1
 
 
 def test_stage_flags_the_backdoor_writes_the_trigger_and_resumes(cifar_dir, tmp_path,
                                                                  monkeypatch):
   config = tiny_config(cifar_dir)
   config.stages = ("train", "reverse")
-  config.reverse.update(steps=40, mini_batches=2, batch_size=10, patience=2,
-                        early_stop_patience=4, checkpoint_every=10)
+  config.reverse.update(steps=40, mini_batches=2, batch_size=10, patience=4,
+                        early_stop_patience=8, checkpoint_every=10, learning_rate=0.1,
+                        success_images=0)
   planted = {"backdoored": PlantedModel(10, target=6), "vanilla": PlantedModel(10)}
   monkeypatch.setattr(train_stage, "load_trained", lambda ctx, kind: (planted[kind], {}))
 
@@ -197,17 +142,22 @@ def test_stage_flags_the_backdoor_writes_the_trigger_and_resumes(cifar_dir, tmp_
     return reverse_stage.run(pipeline.make_context(config, str(workdir), progress=False))
 
   straight = run_stage(tmp_path / "straight")
-  assert straight["flagged"] == 6 and len(straight["anomaly_index"]) == 10
-  assert set(straight) == {"flagged", "anomaly_index", "mask_l1", "vanilla"}
-  assert set(straight["vanilla"]) == {"flagged", "anomaly_index", "mask_l1"}
+  assert straight["flagged"] == straight["suspect"] == 6 and len(straight["anomaly_index"]) == 10
+  keys = {"flagged", "suspect", "anomaly_index", "log_index", "mask_l1", "succeeded"}
+  assert set(straight) == keys | {"vanilla"} and set(straight["vanilla"]) == keys
   assert straight["vanilla"]["flagged"] is None
-  trigger, target = reverse_stage.load_synthetic_trigger(str(tmp_path / "straight"),
-                                                        (32, 32, 3))
-  assert target == 6 and trigger.mask.shape == (32, 32, 1) and trigger.pattern.shape == (32, 32, 3)
+  vanilla_l1 = straight["vanilla"]["mask_l1"]
+  assert straight["vanilla"]["suspect"] == int(np.argmin(vanilla_l1))
+  trigger, target, flagged = reverse_stage.load_synthetic_trigger(
+      str(tmp_path / "straight"), (32, 32, 3), 10)
+  assert target == 6 and flagged and trigger.mask.shape == (32, 32, 1)
+  assert trigger.pattern.shape == (32, 32, 3)
   _assert_on_patch(trigger.mask)
   for kind in ("backdoored", "vanilla"):
     assert os.path.exists(tmp_path / "straight" / "reverse" / kind / "triggers.png")
-  assert reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3)) is None
+  assert reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3), 10) is None
+  with pytest.raises(triggers.TriggerError, match="target 6 is not a class"):
+    reverse_stage.load_synthetic_trigger(str(tmp_path / "straight"), (32, 32, 3), 5)
 
   real_solve = reverse.solve
 

@@ -201,7 +201,8 @@ def run(ctx: RunContext) -> dict:
   layers = _probe_layers(ctx)
   conditions = {"real": ctx.trigger}
   regions = {"real": np.asarray(triggers.region(ctx.trigger))}
-  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape)
+  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape,
+                                                ctx.dataset.num_classes)
   if loaded is None:
     logging.info("analysis: no synthetic trigger (no class flagged, or no reverse stage)")
   else:

@@ -1,24 +1,32 @@
-"""The `prune` stage: the lp-based pruning defense and Fine-Pruning on the backdoored model.
+"""The `prune` stage: the lp-based pruning defense, its extensions and baselines.
 
-For each trigger source the defender's trigger `T^` is
-  - "synthetic": the reverse stage's trigger and flagged class (the realistic setting);
-    skipped, and recorded as skipped, when no class was flagged;
+For each trigger source the defender's trigger `T^` and target are
+  - "synthetic": the reverse stage's suspect class and its trigger (the realistic setting),
+    whether or not Neural Cleanse flagged it (results.json's `reverse.flagged` says);
   - "real": the attack's own trigger and label (analysis only).
-On the defender's clean set S the neurons of the pruned layer are ranked per norm (and by
-clean mean activation for Fine-Pruning), and one sweep per split evaluates every
-(method, level) mask: on the test split CA and ASR under the real trigger, on S the CA and
-the ASR under `T^` (the defender's view). r* is chosen from the S numbers only; Fine-Pruning,
-and every method when `prune.fine_tune` is set, is then fine-tuned on S at r* with its
-mask fixed, and the results entry reports the fine-tuned model.
+On the defender's clean set S every method ranks neurons and one sweep per split evaluates
+every (method, level) mask (`linfjax.prune`): on the test split CA and ASR under the real
+trigger, on S the CA and the ASR under `T^` (the defender's view). Only S numbers choose a
+level; the test split is for reporting. The methods (results keys):
+  - `linf`, `l2`, `l1`: the paper's defense, layer L ranked by the shift under that norm,
+    r* by METHOD.md's rule; with `prune.fine_tune`, also `<norm>_ft`: the same pruned model
+    fine-tuned on S with its mask fixed;
+  - `<norm>_layers` (ours, beyond the paper; `prune.multi_layer`): the same norm over several
+    layers at once, ranked per layer or jointly by relative shift, r* by the same rule on S
+    (the sweep runs on S only; the test split at r*), and `<norm>_layers_ft`;
+  - `fine_pruning` (Liu et al.): layer L's least-active neurons, pruned until the CA drop on
+    S exceeds `delta` (`prune.fine_pruning_level="ca_drop"`, no trigger needed), then
+    fine-tuned; "defender_asr" picks its level by the lp rule instead;
+  - `fine_tuning`: a control, the unpruned model fine-tuned on S alike.
 
 Writes under `WORKDIR/prune/`:
-  sweep_<source>.json  rankings, the sweep's per-level numbers and fine-tuned results; a
-                       rerun after a kill reuses what it holds (same inputs only);
+  sweep_<source>.json  rankings, the sweeps' per-level numbers and the fine-tuned models'
+                       numbers; a rerun after a kill reuses what it holds (same inputs only);
   sweep_<source>.csv   one row per (method, level), r* marked;
-  curves_<source>.png  CA and ASR against the pruning level, one line per method.
+  curves_<source>.png, curves_<source>_layers.png  CA and ASR against the pruning level.
 Returns results.json's `prune` entry (METHOD.md, "Results file"): per source, per method,
-`r_star` (a neuron count), CA, ASR_real, ASR_defender, dCA, dASR and DER, relative to the
-backdoored model before the defense on the test split (the sweep's level 0).
+`r_star` (neurons pruned), CA, ASR_real, ASR_defender, dCA, dASR and DER, relative to the
+backdoored model before the defense on the test split.
 
 References:
   Xu et al., "Defending against Backdoor Attack on Deep Neural Networks", arXiv
@@ -29,6 +37,7 @@ References:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,76 +51,108 @@ import tqdm
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import figures, files, finetune, prune, triggers
+from linfjax import figures, files, finetune, models, norms, prune, triggers
 from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
 STAGE = "prune"
 SOURCES = ("synthetic", "real")
-NOT_FLAGGED = "no class flagged by reverse engineering"
+NO_SYNTHETIC_TRIGGER = "no class of the backdoored model reached the attack-success threshold"
 NO_REVERSE_STAGE = "the reverse stage is not in config.stages"
 # Salt of the fine-tuning key (train uses 0 and 1, reverse 2).
 KEY_SALT = 3
 SWEEP_KEYS = ("CA", "ASR_real", "RA_real", "CA_S", "ASR_defender")
+CLEAN_SET_KEYS = ("CA_S", "ASR_defender")
+FINE_TUNING = "fine_tuning"
+TUNED_SUFFIX = "_ft"
+LAYERS_SUFFIX = "_layers"
 
 
-def _defender(ctx: RunContext, source: str):
-  """(trigger, target, mode) the defender uses for `source`, or the reason it is skipped."""
+@dataclasses.dataclass(frozen=True)
+class Defender:
+  """The trigger the defender prunes against, the class it sends images to, and the mode."""
+  trigger: triggers.Trigger
+  target: int
+  mode: str
+
+
+def _defender(ctx: RunContext, source: str) -> Defender | str:
+  """What the defender uses for `source`, or the reason the source is skipped."""
   if source == "real":
-    return ctx.trigger, ctx.config.poison.target, ctx.config.poison.mode
+    return Defender(ctx.trigger, ctx.config.poison.target, ctx.config.poison.mode)
   if "reverse" not in ctx.config.stages:
     return NO_REVERSE_STAGE
-  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape)
+  loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape,
+                                                ctx.dataset.num_classes)
   if loaded is None:
-    return NOT_FLAGGED
-  trigger, target = loaded
-  return trigger, target, "all_to_one"
+    return NO_SYNTHETIC_TRIGGER
+  trigger, target, _ = loaded
+  return Defender(trigger, target, "all_to_one")
 
 
-def _fingerprint(ctx: RunContext, layer: str, trigger: triggers.Trigger, target: int) -> str:
-  """What a saved sweep was computed from; a mismatch means recompute."""
+def _digest(*trees) -> str:
   digest = hashlib.sha256()
-  for array in trigger:
-    digest.update(np.asarray(array, np.float32).tobytes())
-  return json.dumps({"layer": layer, "trigger": digest.hexdigest(), "target": int(target),
+  for leaf in jax.tree.leaves(trees):
+    digest.update(np.asarray(leaf, np.float32).tobytes())
+  return digest.hexdigest()
+
+
+def _fingerprint(ctx: RunContext, variables, layer: str, defender: Defender) -> str:
+  """What a saved sweep was computed from (model weights included); a mismatch means
+  recompute."""
+  return json.dumps({"layer": layer, "weights": _digest(variables),
+                     "trigger": _digest(tuple(defender.trigger)), "target": defender.target,
                      "prune": json.loads(ctx.config.prune.to_json()),
-                     "clean_set": len(ctx.split.clean_set_indices),
+                     "train": json.loads(ctx.config.train.to_json()),
+                     "clean_set": ctx.split.clean_set_indices.tolist(),
                      "test": len(ctx.dataset.test_labels)}, sort_keys=True)
 
 
 class _Evaluator:
-  """Evaluates mask stacks on the test split and on S for one source."""
+  """Evaluates stacks of masks {layer: [M, K]} on the test split and on S for one source."""
 
-  def __init__(self, ctx: RunContext, model, layer: str, defender):
-    self.ctx, self.apply_fn, self.layer = ctx, model.apply, layer
-    self.trigger, self.target, self.mode = defender
+  def __init__(self, ctx: RunContext, model, defender: Defender):
+    self.ctx, self.apply_fn, self.defender = ctx, model.apply, defender
+    self.order = models.layer_names(model)
 
-  def __call__(self, variables, mask_stack, desc: str) -> dict[str, np.ndarray]:
+  def __call__(self, variables, mask_stacks, desc: str, *, test: bool = True,
+               mask_batch: int | None = None) -> dict[str, np.ndarray]:
     cfg, ctx = self.ctx.config, self.ctx
     batch_size = cfg.train.eval_batch_size
     s_images, s_labels = ctx.clean_set
-    batches = (math.ceil(len(ctx.dataset.test_labels) / batch_size)
-               + math.ceil(len(s_labels) / batch_size))
-    bar = tqdm.tqdm(total=batches, unit="batch", desc=desc, disable=not ctx.progress,
-                    leave=False)
-    common = dict(layer=self.layer, num_classes=ctx.dataset.num_classes,
-                  batch_size=batch_size, mask_batch=cfg.prune.mask_batch,
-                  on_batch=lambda: bar.update(1))
-    test = prune.sweep(self.apply_fn, variables, ctx.dataset.test_images,
-                       ctx.dataset.test_labels, ctx.trigger, mask_stack,
-                       target=cfg.poison.target, mode=cfg.poison.mode, **common)
-    defender = prune.sweep(self.apply_fn, variables, s_images, s_labels, self.trigger,
-                           mask_stack, target=self.target, mode=self.mode, **common)
+    splits = [(s_images, s_labels)] + ([(ctx.dataset.test_images, ctx.dataset.test_labels)]
+                                       if test else [])
+    bar = tqdm.tqdm(total=sum(math.ceil(len(labels) / batch_size) for _, labels in splits),
+                    unit="batch", desc=desc, disable=not ctx.progress, leave=False)
+    common = dict(start=min(mask_stacks, key=self.order.index),
+                  num_classes=ctx.dataset.num_classes, batch_size=batch_size,
+                  mask_batch=mask_batch or cfg.prune.mask_batch, on_batch=lambda: bar.update(1))
+    defender = prune.sweep(self.apply_fn, variables, s_images, s_labels, self.defender.trigger,
+                           mask_stacks, target=self.defender.target, mode=self.defender.mode,
+                           **common)
+    numbers = {"CA_S": defender["CA"], "ASR_defender": defender["ASR"]}
+    if test:
+      real = prune.sweep(self.apply_fn, variables, ctx.dataset.test_images,
+                         ctx.dataset.test_labels, ctx.trigger, mask_stacks,
+                         target=cfg.poison.target, mode=cfg.poison.mode, **common)
+      numbers.update(CA=real["CA"], ASR_real=real["ASR"], RA_real=real["RA"])
     bar.close()
-    return {"CA": test["CA"], "ASR_real": test["ASR"], "RA_real": test["RA"],
-            "CA_S": defender["CA"], "ASR_defender": defender["ASR"]}
+    return numbers
 
 
-def _sweep(ctx, source, model, variables, layer, defender, evaluate) -> dict:
-  """The source's saved record when its inputs match, else the sweep, computed and saved."""
+def _multi_layer_scores(ctx: RunContext, statistics: dict[str, norms.Moments], norm: str):
+  ranking = ctx.config.prune.multi_layer
+  score = (prune.relative_shifts if ranking == "joint" else
+           lambda moments, norm: prune.scores_from_moments(moments, norm=norm,
+                                                           score=ctx.config.prune.score))
+  return {layer: score(moments, norm=norm) for layer, moments in statistics.items()}
+
+
+def _sweep(ctx, source, model, variables, layer, multi_layers, defender, evaluate) -> dict:
+  """The source's saved record when its inputs match, else the sweeps, computed and saved."""
   path = os.path.join(ctx.stage_dir(STAGE), f"sweep_{source}.json")
-  fingerprint = _fingerprint(ctx, layer, defender[0], defender[1])
+  fingerprint = _fingerprint(ctx, variables, layer, defender)
   if os.path.exists(path):
     with open(path) as f:
       record = json.load(f)
@@ -122,59 +163,155 @@ def _sweep(ctx, source, model, variables, layer, defender, evaluate) -> dict:
   cfg = ctx.config.prune
   started = time.perf_counter()
   s_images, _ = ctx.clean_set
-  moments, map_size = prune.layer_statistics(model.apply, variables, s_images, defender[0],
-                                             layer=layer,
-                                             batch_size=ctx.config.train.eval_batch_size)
+  statistics = norms.norm_statistics(model.apply, variables, s_images, [defender.trigger],
+                                     batch_size=ctx.config.train.eval_batch_size)
+  moments = statistics[layer]
+  map_size = _map_size(ctx, model, variables, layer)
   orders = prune.method_rankings(moments, norm_list=tuple(cfg.norms), score=cfg.score,
                                  map_size=map_size, fine_pruning=cfg.fine_pruning)
   counts = prune.level_counts(tuple(cfg.levels), moments.mean.shape[-1], unit=cfg.level_unit)
-  results = evaluate(variables, prune.stacked_masks(orders, counts), f"prune {source}")
+  results = evaluate(variables, {layer: prune.stacked_masks(orders, counts)}, f"prune {source}")
   record = {"fingerprint": fingerprint, "layer": layer, "num_neurons": moments.mean.shape[-1],
-            "target": int(defender[1]), "counts": counts.tolist(), "methods": {},
-            "fine_tuned": {}, "seconds": 0.0}
+            "target": defender.target, "counts": counts.tolist(), "methods": {},
+            "multi_layer": {}, "evaluated": {}, "seconds": 0.0}
   for m, (method, order) in enumerate(orders.items()):
     rows = slice(m * len(counts), (m + 1) * len(counts))
     record["methods"][method] = {"order": order.tolist(),
                                  **{key: results[key][rows].tolist() for key in SWEEP_KEYS}}
+  if multi_layers:
+    fractions = (0.0,) + tuple(cfg.multi_layer_levels)
+    for norm in cfg.multi_layer_norms:
+      scores = _multi_layer_scores(ctx, {name: statistics[name] for name in multi_layers}, norm)
+      pruned, stacks = prune.multi_layer_masks(scores, fractions, scope=cfg.multi_layer)
+      numbers = evaluate(variables, stacks, f"prune {source} {norm} layers", test=False,
+                         mask_batch=1)
+      record["multi_layer"][norm + LAYERS_SUFFIX] = {
+          "norm": norm, "fractions": list(fractions), "pruned": pruned.tolist(),
+          "scores": {name: values.tolist() for name, values in scores.items()},
+          **{key: numbers[key].tolist() for key in CLEAN_SET_KEYS}}
   record["seconds"] = time.perf_counter() - started
   files.write_json(path, record)
-  logging.info("prune/%s: swept %d methods x %d levels of %s in %.1f s", source, len(orders),
-               len(counts), layer, record["seconds"])
+  logging.info("prune/%s: swept %d methods x %d levels of %s%s in %.1f s", source, len(orders),
+               len(counts), layer, f" and {len(record['multi_layer'])} over {len(multi_layers)} "
+               "layers" if multi_layers else "", record["seconds"])
   return record
 
 
-def _fine_tuned(ctx, source, record, method, r_star, model, variables, layer, evaluate,
-                tuned) -> dict:
-  """The numbers of `method`'s pruned model at r* after fine-tuning on S (saved, reused)."""
-  saved = record["fine_tuned"].get(method)
-  if saved is not None and saved["r_star"] == r_star:
-    return saved
-  mask = prune.masks(record["methods"][method]["order"], [r_star])
-  key = mask.tobytes()
-  if key not in tuned:  # Fine-Pruning's ranking needs no trigger: sources often share it.
-    cfg = ctx.config
-    recipe = finetune.Recipe(
-        epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
-        momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-        batch_size=cfg.train.batch_size, padding=cfg.train.crop_padding,
-        flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
-        nesterov=bool(cfg.train.nesterov))
-    s_images, s_labels = ctx.clean_set
-    started = time.perf_counter()
-    tuned[key] = finetune.fine_tune(model, variables, s_images, s_labels, {layer: mask[0]},
-                                    recipe, key=jax.random.fold_in(
-                                        jax.random.key(cfg.seed), KEY_SALT))
-    logging.info("prune/%s: fine-tuned %s at r*=%d on S in %.1f s", source, method, r_star,
-                 time.perf_counter() - started)
-  numbers = evaluate(tuned[key], mask, f"prune {source} {method} fine-tuned")
-  saved = {"r_star": r_star, **{k: float(v[0]) for k, v in numbers.items()}}
-  record["fine_tuned"][method] = saved
-  files.write_json(os.path.join(ctx.stage_dir(STAGE), f"sweep_{source}.json"), record)
-  return saved
+def _map_size(ctx: RunContext, model, variables, layer: str) -> int:
+  image = jax.ShapeDtypeStruct((1, *ctx.dataset.image_shape), jnp.float32)
+  shape = jax.eval_shape(lambda v, x: model.apply(v, x, stop=layer)[0], variables, image).shape
+  return int(shape[1] * shape[2])
+
+
+class _Models:
+  """The pruned models a source's entries need, evaluated once and remembered.
+
+  A model is a mask dict, optionally fine-tuned on S; its numbers are saved in the record
+  under a name, so a resumed stage reuses them. Fine-tuned variables are also kept in memory
+  by mask, so a model the sources share (Fine-Pruning's, the control) is tuned once.
+  """
+
+  def __init__(self, ctx: RunContext, model, variables, tuned_cache: dict):
+    self.ctx, self.model, self.variables, self.tuned = ctx, model, variables, tuned_cache
+
+  def numbers(self, record: dict, path: str, name: str, mask_dict: dict, evaluate, *,
+              fine_tune: bool) -> dict[str, float]:
+    key = json.dumps([fine_tune, {layer: np.asarray(m).astype(int).tolist()
+                                  for layer, m in sorted(mask_dict.items())}])
+    saved = record["evaluated"].get(name)
+    if saved is not None and saved["key"] == key:
+      return saved["numbers"]
+    variables = self._fine_tuned(mask_dict, name) if fine_tune else self.variables
+    stacks = {layer: np.asarray(mask, np.float32)[None] for layer, mask in mask_dict.items()}
+    numbers = {k: float(v[0]) for k, v in evaluate(variables, stacks, f"prune {name}",
+                                                   mask_batch=1).items()}
+    record["evaluated"][name] = {"key": key, "numbers": numbers}
+    files.write_json(path, record)
+    return numbers
+
+  def _fine_tuned(self, mask_dict: dict, name: str):
+    cache_key = tuple((layer, np.asarray(m).tobytes()) for layer, m in sorted(mask_dict.items()))
+    if cache_key not in self.tuned:
+      cfg = self.ctx.config
+      recipe = finetune.Recipe(
+          epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
+          momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+          batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
+          flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
+          nesterov=bool(cfg.train.nesterov))
+      s_images, s_labels = self.ctx.clean_set
+      started = time.perf_counter()
+      self.tuned[cache_key] = finetune.fine_tune(
+          self.model, self.variables, s_images, s_labels, mask_dict, recipe,
+          key=jax.random.fold_in(jax.random.key(cfg.seed), KEY_SALT))
+      logging.info("prune: fine-tuned %s on S in %.1f s", name, time.perf_counter() - started)
+    return self.tuned[cache_key]
+
+
+def _choose(cfg, method: str, values: dict) -> int:
+  """The index of a method's level: Fine-Pruning's own rule, or METHOD.md's r*."""
+  if method == prune.FINE_PRUNING and cfg.fine_pruning_level == "ca_drop":
+    return prune.fine_pruning_level(values["CA_S"], ca_reference=values["CA_S"][0],
+                                    delta=cfg.delta)
+  return prune.choose_level(values["ASR_defender"], values["CA_S"],
+                            ca_reference=values["CA_S"][0], tau=cfg.tau, delta=cfg.delta)
+
+
+def _defend(ctx, source, model, variables, layer, multi_layers, defender, tuned) -> dict:
+  """One source's results entry: every method at its level."""
+  cfg = ctx.config.prune
+  evaluate = _Evaluator(ctx, model, defender)
+  record = _sweep(ctx, source, model, variables, layer, multi_layers, defender, evaluate)
+  path = os.path.join(ctx.stage_dir(STAGE), f"sweep_{source}.json")
+  pruned_models = _Models(ctx, model, variables, tuned)
+  counts = record["counts"]
+  first = next(iter(record["methods"].values()))
+  before = {"ca_before": first["CA"][0], "asr_before": first["ASR_real"][0]}
+  entry, chosen = {}, {}
+
+  def add(name, r_star, numbers):
+    entry[name] = prune.defense_entry(r_star=r_star, ca=numbers["CA"],
+                                      asr_real=numbers["ASR_real"],
+                                      asr_defender=numbers["ASR_defender"], **before)
+    logging.info("prune/%s %s: r*=%d; CA %.2f -> %.2f, ASR %.2f -> %.2f, defender ASR %.2f, "
+                 "DER %.2f", source, name, r_star, before["ca_before"], entry[name]["CA"],
+                 before["asr_before"], entry[name]["ASR_real"], entry[name]["ASR_defender"],
+                 entry[name]["DER"])
+
+  for method, values in record["methods"].items():
+    chosen[method] = _choose(cfg, method, values)
+    r_star = counts[chosen[method]]
+    mask_dict = {layer: prune.masks(values["order"], [r_star])[0]}
+    if method == prune.FINE_PRUNING:
+      add(method, r_star, pruned_models.numbers(record, path, method, mask_dict, evaluate,
+                                                fine_tune=True))
+      continue
+    add(method, r_star, {key: values[key][chosen[method]] for key in SWEEP_KEYS})
+    if cfg.fine_tune:
+      add(method + TUNED_SUFFIX, r_star, pruned_models.numbers(
+          record, path, method + TUNED_SUFFIX, mask_dict, evaluate, fine_tune=True))
+  for name, values in record["multi_layer"].items():
+    level = _choose(cfg, name, values)
+    scores = {name_: np.asarray(s) for name_, s in values["scores"].items()}
+    _, stacks = prune.multi_layer_masks(scores, [values["fractions"][level]],
+                                        scope=cfg.multi_layer)
+    mask_dict = {name_: stack[0] for name_, stack in stacks.items()}
+    r_star = values["pruned"][level]
+    add(name, r_star, pruned_models.numbers(record, path, name, mask_dict, evaluate,
+                                            fine_tune=False))
+    if cfg.fine_tune:
+      add(name + TUNED_SUFFIX, r_star, pruned_models.numbers(
+          record, path, name + TUNED_SUFFIX, mask_dict, evaluate, fine_tune=True))
+  if cfg.fine_tuning_control:
+    unpruned = {layer: np.ones(record["num_neurons"], np.float32)}
+    add(FINE_TUNING, 0, pruned_models.numbers(record, path, FINE_TUNING, unpruned, evaluate,
+                                              fine_tune=True))
+  _write_outputs(ctx, source, record, chosen)
+  return entry
 
 
 def _write_outputs(ctx, source, record, chosen) -> None:
-  """sweep_<source>.csv and curves_<source>.png."""
+  """sweep_<source>.csv, curves_<source>.png and, with multi-layer pruning, its S curves."""
   stage_dir = ctx.stage_dir(STAGE)
   counts = np.asarray(record["counts"])
   fractions = counts / record["num_neurons"]
@@ -186,41 +323,29 @@ def _write_outputs(ctx, source, record, chosen) -> None:
         writer.writerow([method, int(count), f"{fractions[i]:.4f}",
                          *(f"{values[key][i]:.4f}" for key in SWEEP_KEYS),
                          int(i == chosen[method])])
+    for method, values in record["multi_layer"].items():
+      level = _choose(ctx.config.prune, method, values)
+      for i, pruned in enumerate(values["pruned"]):
+        writer.writerow([method, pruned, f"{values['fractions'][i]:.4f}", "", "", "",
+                         *(f"{values[key][i]:.4f}" for key in CLEAN_SET_KEYS), int(i == level)])
   curves = {method: {key: np.asarray(values[key]) for key in SWEEP_KEYS}
             for method, values in record["methods"].items()}
   title = (f"{source} trigger (target {record['target']}), layer {record['layer']}, "
            f"K={record['num_neurons']}; before fine-tuning")
   figures.save(figures.pruning_curves(fractions, curves, chosen, title=title),
                os.path.join(stage_dir, f"curves_{source}.png"))
-
-
-def _defend(ctx, source, model, variables, layer, defender, tuned) -> dict:
-  """One source's results entry: every method at its r*."""
-  cfg = ctx.config.prune
-  evaluate = _Evaluator(ctx, model, layer, defender)
-  record = _sweep(ctx, source, model, variables, layer, defender, evaluate)
-  counts = record["counts"]
-  first = next(iter(record["methods"].values()))
-  ca_before, asr_before = first["CA"][0], first["ASR_real"][0]  # Level 0: nothing pruned.
-  entry, chosen = {}, {}
-  for method, values in record["methods"].items():
-    chosen[method] = prune.choose_level(values["ASR_defender"], values["CA_S"],
-                                        ca_reference=values["CA_S"][0], tau=cfg.tau,
-                                        delta=cfg.delta)
-    r_star = counts[chosen[method]]
-    at_r = {key: values[key][chosen[method]] for key in SWEEP_KEYS}
-    if method == prune.FINE_PRUNING or cfg.fine_tune:
-      at_r = _fine_tuned(ctx, source, record, method, r_star, model, variables, layer,
-                         evaluate, tuned)
-    entry[method] = prune.defense_entry(
-        r_star=r_star, ca=at_r["CA"], asr_real=at_r["ASR_real"],
-        asr_defender=at_r["ASR_defender"], ca_before=ca_before, asr_before=asr_before)
-    logging.info("prune/%s %s: r*=%d of %d; CA %.2f -> %.2f, ASR %.2f -> %.2f, defender ASR "
-                 "%.2f, DER %.2f", source, method, r_star, record["num_neurons"], ca_before,
-                 entry[method]["CA"], asr_before, entry[method]["ASR_real"],
-                 entry[method]["ASR_defender"], entry[method]["DER"])
-  _write_outputs(ctx, source, record, chosen)
-  return entry
+  if record["multi_layer"]:
+    values = next(iter(record["multi_layer"].values()))
+    curves = {method: {key: np.asarray(v[key]) for key in CLEAN_SET_KEYS}
+              for method, v in record["multi_layer"].items()}
+    levels = {method: _choose(ctx.config.prune, method, v)
+              for method, v in record["multi_layer"].items()}
+    figures.save(figures.pruning_curves(
+        np.asarray(values["fractions"]), curves, levels, panels=figures.CLEAN_SET_PANELS,
+        title=f"{source} trigger, several layers ({ctx.config.prune.multi_layer} ranking), "
+              "on S; before fine-tuning",
+        xlabel="pruned share of the layers' neurons"),
+        os.path.join(stage_dir, f"curves_{source}{LAYERS_SUFFIX}.png"))
 
 
 def _check_levels(ctx: RunContext, model, variables, layer: str) -> None:
@@ -235,17 +360,20 @@ def _check_levels(ctx: RunContext, model, variables, layer: str) -> None:
 
 
 def run(ctx: RunContext) -> dict:
-  layer = ctx.config.prune.layer or ctx.model().default_probe
-  model = ctx.model(probe_layers=(layer,))
+  cfg = ctx.config.prune
+  layer = cfg.layer or ctx.model().default_probe
+  multi_layers = ()
+  if cfg.multi_layer:
+    multi_layers = tuple(cfg.multi_layers) or models.layer_names(ctx.model())
+  model = ctx.model(probe_layers=tuple(dict.fromkeys((layer, *multi_layers))))
   _, variables = train_stage.load_trained(ctx, "backdoored")
   _check_levels(ctx, model, variables, layer)
   result, tuned = {}, {}
   for source in SOURCES:
     defender = _defender(ctx, source)
     if isinstance(defender, str):
-      logging.warning("prune/%s: skipped: %s; only the real trigger (analysis only) is "
-                      "evaluated", source, defender)
+      logging.warning("prune/%s: skipped: %s", source, defender)
       result[source] = {"skipped": defender}
       continue
-    result[source] = _defend(ctx, source, model, variables, layer, defender, tuned)
+    result[source] = _defend(ctx, source, model, variables, layer, multi_layers, defender, tuned)
   return result

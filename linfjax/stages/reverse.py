@@ -2,19 +2,23 @@
 
 Both finished models from the `train` stage go through one vmapped solve over all
 classes (`linfjax.reverse`) on the defender's clean set S, with the same key, so their
-mask norms compare. The vanilla model is the check that no class stands out without a
-backdoor. Writes under `WORKDIR/reverse/`:
+mask norms compare; `linfjax.outliers` then flags the outlier class, if any, and names the
+suspect (the flagged class, else the smallest mask that reached the attack-success
+threshold). The vanilla model is the check that no class stands out without a backdoor.
+Writes under `WORKDIR/reverse/`:
   backdoored/, vanilla/   checkpoints/ (orbax, every `reverse.checkpoint_every` steps, so a
                           killed run resumes at its step), triggers.npz (every class's
                           `masks` [K, H, W], `patterns` [K, H, W, C], `mask_l1`,
                           `anomaly_index`, `succeeded`) and triggers.png (masks, patterns
                           and their product, one column per class);
-  synthetic_trigger.npz   only when a class of the backdoored model is flagged: `mask`
-                          [H, W, 1] float32, `pattern` [H, W, C] float32, `target` int
-                          (read it with `load_synthetic_trigger`);
+  synthetic_trigger.npz   the backdoored model's suspect's trigger, flagged or not: `mask`
+                          [H, W, 1] float32, `pattern` [H, W, C] float32, `target` int,
+                          `flagged` bool (read it with `load_synthetic_trigger`);
   metrics.json            seconds, steps run and per-class costs of each solve.
-Returns results.json's `reverse` entry (METHOD.md, "Results file"): `flagged`,
-`anomaly_index`, `mask_l1` of the backdoored model, and the same under `vanilla`.
+Returns results.json's `reverse` entry (METHOD.md, "Results file"): `flagged` (null when no
+class is flagged), `suspect`, NC's `anomaly_index`, the index under every other statistic
+(`<statistic>_index`), `mask_l1` and `succeeded` of the backdoored model, and the same
+under `vanilla`. An index is null where it is undefined (a class that never succeeded).
 
 References:
   Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
@@ -24,6 +28,7 @@ References:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -35,7 +40,7 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from linfjax import checkpoints, files, reverse, triggers
+from linfjax import checkpoints, files, outliers, reverse, triggers
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
@@ -50,34 +55,44 @@ def synthetic_trigger_path(workdir: str) -> str:
   return os.path.join(workdir, STAGE, SYNTHETIC_TRIGGER_FILE)
 
 
-def load_synthetic_trigger(workdir: str,
-                           image_shape) -> tuple[triggers.Trigger, int] | None:
-  """The flagged class's synthetic trigger and that class, or None if no class was flagged.
+def load_synthetic_trigger(workdir: str, image_shape,
+                           num_classes: int) -> tuple[triggers.Trigger, int, bool] | None:
+  """The suspect class's synthetic trigger, that class, and whether it was flagged.
 
   Args:
     workdir: the run directory.
     image_shape: (H, W, C) of the images the trigger must fit.
+    num_classes: the dataset's classes; the saved target must be one of them.
 
   Returns:
-    (Trigger with mask [H, W, 1] and pattern [H, W, C], target class), from
-    `WORKDIR/reverse/synthetic_trigger.npz`; None when that file is absent.
+    (Trigger with mask [H, W, 1] and pattern [H, W, C], target class, flagged), from
+    `WORKDIR/reverse/synthetic_trigger.npz`; None when that file is absent (no reverse
+    stage, or no class reached the attack-success threshold).
 
   Raises:
-    triggers.TriggerError: the file lacks an array, or its arrays do not fit the images
-      or leave [0, 1].
+    triggers.TriggerError: the file lacks an array, its arrays do not fit the images or
+      leave [0, 1], or its target is not a class.
   """
   path = synthetic_trigger_path(workdir)
   if not os.path.exists(path):
     return None
   height, width, channels = image_shape
   with np.load(path, allow_pickle=False) as arrays:
-    missing = {"mask", "pattern", "target"} - set(arrays.files)
+    missing = {"mask", "pattern", "target", "flagged"} - set(arrays.files)
     if missing:
       raise triggers.TriggerError(f"{path}: lacks arrays {sorted(missing)}; has "
                                   f"{sorted(arrays.files)}")
     mask = np.asarray(arrays["mask"], np.float32)
     pattern = np.asarray(arrays["pattern"], np.float32)
-    target = int(arrays["target"])
+    target, flagged = arrays["target"], arrays["flagged"]
+    if target.shape != () or target.dtype.kind not in "iu" or flagged.dtype != bool:
+      raise triggers.TriggerError(f"{path}: 'target' must be one integer and 'flagged' a "
+                                  f"bool, got {target.dtype} {target.shape} and {flagged.dtype}")
+    target, flagged = int(target), bool(flagged)
+  if not 0 <= target < num_classes:
+    raise triggers.TriggerError(f"{path}: target {target} is not a class of this dataset "
+                                f"(0..{num_classes - 1}); delete {os.path.dirname(path)} to "
+                                "redo the reverse stage")
   if mask.shape != (height, width, 1) or pattern.shape != (height, width, channels):
     raise triggers.TriggerError(
         f"{path}: mask {mask.shape} and pattern {pattern.shape} do not fit images of shape "
@@ -85,7 +100,7 @@ def load_synthetic_trigger(workdir: str,
   for name, array in (("mask", mask), ("pattern", pattern)):
     if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
       raise triggers.TriggerError(f"{path}: {name} must hold values in [0, 1]")
-  return triggers.Trigger(jnp.asarray(mask), jnp.asarray(pattern)), target
+  return triggers.Trigger(jnp.asarray(mask), jnp.asarray(pattern)), target, flagged
 
 
 def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
@@ -109,18 +124,18 @@ def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
 
   def on_step(step, state, means):
     success = np.asarray(means["success"])
-    done = bool(np.all(np.asarray(state.stopped)))
-    if step % every == 0 or step == settings.steps or done:
+    stopped = np.asarray(state.schedule.stopped)
+    if step % every == 0 or step == settings.steps or stopped.all():
       store.save(step, state)
     steps_run.append(step)
     bar.update(1)
-    bar.set_postfix(success=f"{success.min():.2f}", stopped=int(np.sum(state.stopped)))
-    if step % max(1, settings.steps // 10) and step != settings.steps and not done:
+    bar.set_postfix(success=f"{success.min():.2f}", stopped=int(stopped.sum()))
+    if step % max(1, settings.steps // 10) and step != settings.steps and not stopped.all():
       return
     logging.info("reverse/%s: step %d/%d attack success min %.3f median %.3f, mask l1 "
                  "median %.1f, %d classes stopped", kind, step, settings.steps,
                  success.min(), np.median(success), np.median(np.asarray(means["l1"])),
-                 int(np.sum(state.stopped)))
+                 int(stopped.sum()))
 
   started = time.perf_counter()
   state = reverse.solve(model.apply, variables, images, num_classes=num_classes, key=key,
@@ -129,12 +144,12 @@ def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
   store.close()
   log.update(seconds=time.perf_counter() - started, steps_run=len(steps_run),
              last_step=steps_run[-1] if steps_run else start_step,
-             cost=np.asarray(state.cost).tolist(), stopped=np.asarray(state.stopped).tolist())
+             cost=np.asarray(state.schedule.cost).tolist(),
+             stopped=np.asarray(state.schedule.stopped).tolist())
   return reverse.result(state)
 
 
-def _figure(outcome: reverse.Reversed, index: np.ndarray, flagged: int | None,
-            class_names) -> Figure:
+def _figure(outcome: reverse.Reversed, detection: outliers.Detection, class_names) -> Figure:
   """Masks, patterns and mask * pattern (rows), one column per class."""
   rows = (("mask", outcome.masks[..., None].repeat(outcome.patterns.shape[-1], -1)),
           ("pattern", outcome.patterns),
@@ -149,41 +164,53 @@ def _figure(outcome: reverse.Reversed, index: np.ndarray, flagged: int | None,
       axes.set_xticks([])
       axes.set_yticks([])
       if r == 0:
-        axes.set_title(f"{c} {class_names[c]}\nl1 {outcome.mask_l1[c]:.0f}, AI {index[c]:.1f}",
-                       fontsize="small", color="tab:red" if c == flagged else "black")
+        index = "failed" if not outcome.succeeded[c] else f"AI {detection.index[c]:.1f}"
+        color = ("tab:red" if c == detection.flagged else
+                 "tab:orange" if c == detection.suspect else "black")
+        axes.set_title(f"{c} {class_names[c]}\nl1 {outcome.mask_l1[c]:.0f}, {index}",
+                       fontsize="small", color=color)
       if c == 0:
         axes.set_ylabel(label, fontsize="small")
   return figure
 
 
-def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> dict:
-  """Writes one model's arrays and figure; returns its results entry."""
-  threshold = ctx.config.reverse.anomaly_threshold
-  index = np.asarray(reverse.anomaly_index(outcome.mask_l1))
-  flagged = reverse.flagged(outcome.mask_l1, threshold=threshold, eligible=outcome.succeeded)
+def _json_floats(values) -> list:
+  """Floats for results.json, None where a value is not finite (JSON has no NaN or inf)."""
+  return [float(v) if math.isfinite(v) else None for v in np.asarray(values, np.float64)]
+
+
+def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict, outliers.Detection]:
+  """Writes one model's arrays and figure; returns its results entry and verdict."""
+  cfg = ctx.config.reverse
+  detection = outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=cfg.statistic,
+                              threshold=cfg.anomaly_threshold)
+  others = {name: outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=name,
+                                  threshold=cfg.anomaly_threshold).index
+            for name in outliers.STATISTICS if name != "nc"}
   kind_dir = os.path.join(ctx.stage_dir(STAGE), kind)
   files.write_npz(os.path.join(kind_dir, "triggers.npz"), masks=outcome.masks,
-                   patterns=outcome.patterns, mask_l1=outcome.mask_l1, anomaly_index=index,
-                   succeeded=outcome.succeeded)
-  figure = _figure(outcome, index, flagged, ctx.dataset.class_names)
-  figure.suptitle(f"Neural Cleanse on the {kind} model: flagged "
-                  f"{'none' if flagged is None else flagged}")
+                  patterns=outcome.patterns, mask_l1=outcome.mask_l1,
+                  anomaly_index=detection.nc_index, succeeded=outcome.succeeded,
+                  **{f"{name}_index": index for name, index in others.items()})
+  figure = _figure(outcome, detection, ctx.dataset.class_names)
+  verdict = (f"flagged {detection.flagged}" if detection.flagged is not None else
+             f"none flagged, suspect {detection.suspect}")
+  figure.suptitle(f"Neural Cleanse on the {kind} model ({cfg.statistic} index): {verdict}")
   figure.savefig(os.path.join(kind_dir, "triggers.png"), format="png", bbox_inches="tight")
   if not outcome.succeeded.all():
     logging.warning("reverse/%s: classes %s never reached the attack-success threshold %.2f; "
-                    "their masks are the last ones, not the best", kind,
-                    np.flatnonzero(~outcome.succeeded).tolist(),
-                    ctx.config.reverse.attack_success_threshold)
-  if flagged is None:
-    logging.info("reverse/%s: no class flagged (largest anomaly index %.2f <= %.2f among "
-                 "classes below the median norm)", kind,
-                 float(np.max(np.where(outcome.mask_l1 < np.median(outcome.mask_l1), index, 0.0))),
-                 threshold)
-  else:
-    logging.info("reverse/%s: class %d flagged (anomaly index %.2f, mask l1 %.1f)", kind,
-                 flagged, index[flagged], outcome.mask_l1[flagged])
-  return {"flagged": flagged, "anomaly_index": [float(v) for v in index],
-          "mask_l1": [float(v) for v in outcome.mask_l1]}
+                    "they are left out of the anomaly statistics", kind,
+                    np.flatnonzero(~outcome.succeeded).tolist(), cfg.attack_success_threshold)
+  largest = np.nanmax(np.where(outcome.mask_l1 <= np.median(outcome.mask_l1), detection.index,
+                               np.nan), initial=0.0)
+  logging.info("reverse/%s: %s (%s index: largest below the median %.2f, threshold %.2f)",
+               kind, verdict, cfg.statistic, largest, cfg.anomaly_threshold)
+  entry = {"flagged": detection.flagged, "suspect": detection.suspect,
+           "anomaly_index": _json_floats(detection.nc_index),
+           **{f"{name}_index": _json_floats(index) for name, index in others.items()},
+           "mask_l1": [float(v) for v in outcome.mask_l1],
+           "succeeded": [bool(v) for v in outcome.succeeded]}
+  return entry, detection
 
 
 def run(ctx: RunContext) -> dict:
@@ -192,19 +219,20 @@ def run(ctx: RunContext) -> dict:
   for kind in MODEL_KINDS:
     log[kind] = {}
     outcome = _solve(ctx, kind, log[kind])
-    entries[kind] = _report(ctx, kind, outcome)
-    if kind == "backdoored":
-      path = synthetic_trigger_path(ctx.workdir)
-      target = entries[kind]["flagged"]
-      if target is None:
-        logging.info("reverse: no synthetic trigger (no class of the backdoored model flagged)")
-        if os.path.exists(path):
-          os.remove(path)
-      else:
-        trigger = outcome.trigger(target)
-        files.write_npz(path, mask=np.asarray(trigger.mask, np.float32),
-                         pattern=np.asarray(trigger.pattern, np.float32),
-                         target=np.int64(target))
-  with open(os.path.join(stage_dir, "metrics.json"), "w") as f:
-    json.dump(log, f, indent=1)
+    entries[kind], detection = _report(ctx, kind, outcome)
+    if kind != "backdoored":
+      continue
+    path = synthetic_trigger_path(ctx.workdir)
+    if detection.suspect is None:
+      logging.warning("reverse: no class of the backdoored model reached the attack-success "
+                      "threshold; there is no synthetic trigger for the defense")
+      if os.path.exists(path):
+        os.remove(path)
+      continue
+    trigger = outcome.trigger(detection.suspect)
+    files.write_npz(path, mask=np.asarray(trigger.mask, np.float32),
+                    pattern=np.asarray(trigger.pattern, np.float32),
+                    target=np.int64(detection.suspect),
+                    flagged=np.bool_(detection.flagged is not None))
+  files.write_json(os.path.join(stage_dir, "metrics.json"), log)
   return {**entries["backdoored"], "vanilla": entries["vanilla"]}
