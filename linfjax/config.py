@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from linfjax import models
+from linfjax import errors, models
 
 MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11")
 DATA_SOURCES = ("cifar10_dir", "tfds")
@@ -48,7 +48,7 @@ TRIGGER_PRESETS = {
 SHARED_SUBSET = "../shared/data/cifar10-subset"
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field holds a value that linfjax cannot run with."""
 
 

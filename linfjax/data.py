@@ -18,8 +18,10 @@ from typing import Iterator
 
 import numpy as np
 
+from linfjax import errors
 
-class DatasetError(ValueError):
+
+class DatasetError(errors.UserError, ValueError):
   """A dataset is missing, unreadable, or not what its format promises."""
 
 
@@ -157,7 +159,9 @@ def load_cifar10_dir(path: str) -> Dataset:
   """
   if not os.path.isdir(path):
     raise DatasetError(f"{path}: no such directory (data.path should name a "
-                       f"{CIFAR_BATCH_DIR} directory or its parent)")
+                       f"{CIFAR_BATCH_DIR} directory or its parent); to download CIFAR-10 "
+                       "and write the quick subset, run `python -m linfjax.fetch DIR`, then "
+                       "pass --config.data.path=DIR/cifar10-subset")
   _verify_checksums(path)
   batch_dir = os.path.join(path, CIFAR_BATCH_DIR)
   if not os.path.isdir(batch_dir):

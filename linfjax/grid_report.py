@@ -40,7 +40,7 @@ import numpy as np
 import scipy.stats
 from absl import app, logging
 
-from linfjax import figures, files, report
+from linfjax import errors, figures, files, report
 
 GRID_FILE = "grid.json"
 ERROR_FILE = "error.json"
@@ -57,7 +57,7 @@ PRUNE_HEADLINES = ("CA", "ASR_real", "DER", "r_star")
 LEFT = ' class="text"'
 
 
-class GridReportError(ValueError):
+class GridReportError(errors.UserError, ValueError):
   """grid.json is missing or does not describe a grid."""
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from linfjax import triggers
+from linfjax import errors, triggers
 
 # Median absolute deviation to standard deviation, for normally distributed norms.
 MAD_CONSISTENCY = 1.4826
@@ -55,7 +55,7 @@ MAD_CONSISTENCY = 1.4826
 INIT_MARGIN = 0.01
 
 
-class ReverseDiverged(RuntimeError):
+class ReverseDiverged(errors.UserError, RuntimeError):
   """The reverse-engineering loss became NaN or infinite."""
 
 

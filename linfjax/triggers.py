@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linfjax import errors
 
-class TriggerError(ValueError):
+
+class TriggerError(errors.UserError, ValueError):
   """A trigger's parameters do not describe a trigger for these images."""
 
 
