@@ -102,7 +102,7 @@ def download(url: str, path: str, *, md5: str, size: int | None = None, timeout:
     os.remove(part)
     start = 0
   if size is None or start < size:
-    start = _transfer(url, part, start, size=size, timeout=timeout, progress=progress, log=log)
+    _transfer(url, part, start, size=size, timeout=timeout, progress=progress, log=log)
   received = os.path.getsize(part)
   if size is not None and received != size:
     raise FetchError(f"{part}: {received} bytes received of {size}; the download stopped "
@@ -119,15 +119,15 @@ def download(url: str, path: str, *, md5: str, size: int | None = None, timeout:
 
 
 def _transfer(url: str, part: str, start: int, *, size: int | None, timeout: float,
-              progress: bool, log: Callable[[str], None]) -> int:
-  """Appends the bytes from `start` on to `part`; returns where the transfer started."""
+              progress: bool, log: Callable[[str], None]) -> None:
+  """Appends the bytes from `start` on to `part` (from 0 if the server cannot resume)."""
   headers = {"Range": f"bytes={start}-"} if start else {}
   try:
     response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                       timeout=timeout)
   except urllib.error.HTTPError as e:
     if e.code == 416 and start:  # Nothing left to send: the partial file is complete.
-      return start
+      return
     raise FetchError(f"{url}: the server answered HTTP {e.code} ({e.reason}); check the "
                      "address, or try again later") from None
   except (urllib.error.URLError, OSError) as e:
@@ -158,7 +158,9 @@ def _transfer(url: str, part: str, start: int, *, size: int | None, timeout: flo
         f.write(chunk)
         received += len(chunk)
         bar.update(len(chunk))
-  return start
+  if total is not None and received < total:
+    raise FetchError(f"{url}: the transfer stopped after {received} of {total} bytes; {part} "
+                     "is kept: rerun the same command to resume it")
 
 
 def _check_member(archive: str, member: tarfile.TarInfo) -> str:
