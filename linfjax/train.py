@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from linfjax import errors, poison, triggers
+from linfjax import errors, pixels, poison, triggers
 
 
 class TrainingDiverged(errors.UserError, RuntimeError):
@@ -104,7 +104,7 @@ def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
   Returns:
     The new state and {'loss', 'accuracy'} of this batch (before the update).
   """
-  images = data.images[batch_indices].astype(jnp.float32) / 255.0
+  images = pixels.to_unit_float(data.images[batch_indices])
   labels = data.labels[batch_indices]
   images = augment(jax.random.fold_in(key, state.step), images, padding=padding, flip=flip)
   stamp = data.stamp[batch_indices][:, None, None, None]

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from linfjax import figures, files, gradcam, models, norms, poison, triggers
+from linfjax import figures, files, gradcam, models, norms, pixels, poison, triggers
 from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
@@ -75,7 +75,7 @@ def _attention_inputs(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
   if not len(chosen):
     raise ValueError("no image of the clean set S has a label other than the attack's label; "
                      "Grad-CAM attention needs at least one")
-  return images[chosen].astype(np.float32) / 255.0, attack[chosen].astype(np.int32)
+  return np.asarray(pixels.to_unit_float(images[chosen])), attack[chosen].astype(np.int32)
 
 
 def _digest(arrays) -> str:
