@@ -199,6 +199,7 @@ def cli(argv: Sequence[str]) -> int:
     print(_usage(values))
     return 0
   flags.FLAGS.mark_as_parsed()  # absl's own flags keep their defaults; logging needs them.
+  logging.use_absl_handler()
   verbosity = 0
   try:
     _parse(values, argv)

@@ -178,6 +178,14 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
   }
 
 
+def plan_work(tracker: progress_lib.Tracker, config: ml_collections.ConfigDict, workdir: str,
+              dataset: data.Dataset) -> None:
+  """Adds the run's unfinished stages' estimated work to `tracker` (once per workdir)."""
+  results = read_results(workdir) or {}
+  work = estimate_work(config, dataset)
+  tracker.plan(workdir, {stage: work[stage] for stage in config.stages if stage not in results})
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         progress: bool | progress_lib.Tracker = True,
         dataset: data.Dataset | None = None) -> dict:
@@ -202,8 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   ctx = make_context(config, workdir, progress=progress, dataset=dataset)
   prepare_workdir(config, workdir)
   tracker = ctx.progress
-  work = estimate_work(config, ctx.dataset)
-  tracker.plan(workdir, {stage: work[stage] for stage in pending})
+  plan_work(tracker, config, workdir, ctx.dataset)
   results_path = os.path.join(workdir, "results.json")
   for stage in pending:
     logging.info("stage %s: running", stage)

@@ -98,18 +98,22 @@ class Tracker:
   """Whole-run (or whole-grid) progress over planned work, and the stage bars inside it.
 
   Work is in any unit proportional to time (linfjax's pipeline uses image passes, see
-  `pipeline.estimate_work`). `plan(key, {stage: work})` adds a run's remaining stages;
+  `pipeline.estimate_work`). `plan(key, {stage: work})` adds a run's unfinished stages;
   `stage(key, name)` brackets a stage so that its bars move the outer bar and, at its end,
   the outer bar holds exactly the stage's planned work (an estimate that was off is
-  corrected there, not carried on).
+  corrected there, not carried on). Work a killed process finished before (a bar's
+  `initial`) and the rest of a failed run (`abandon`) leave the total, so the outer bar's
+  rate and remaining time count only work done, and to be done, in this process.
   """
 
   def __init__(self, *, enabled: bool, desc: str = "run"):
     self.enabled = enabled
     self._desc = desc
-    self._plans: dict[Hashable, dict[str, float]] = {}
+    self._plans: dict[Hashable, dict[str, float]] = {}  # Work to do here, per run and stage.
+    self._done: dict[Hashable, float] = {}  # Work done here, per run.
     self._outer: tqdm.tqdm | None = None
     self._current: tuple[Hashable, str] | None = None
+    self._stage_size = 0.0  # The current stage's planned work when it started.
     self._stage_done = 0.0
 
   def __bool__(self) -> bool:
@@ -119,30 +123,45 @@ class Tracker:
   def total(self) -> float:
     return sum(sum(plan.values()) for plan in self._plans.values())
 
+  @property
+  def done(self) -> float:
+    return sum(self._done.values())
+
   def plan(self, key: Hashable, stage_work: dict[str, float]) -> None:
-    """Adds the remaining stages of run `key` (once; a second plan of `key` is ignored)."""
+    """Adds the unfinished stages of run `key` (once; a second plan of `key` is ignored)."""
     if key in self._plans:
       return
     self._plans[key] = {stage: float(work) for stage, work in stage_work.items()}
-    if self.enabled:
-      if self._outer is None:
-        self._outer = tqdm.tqdm(total=self.total, desc=self._desc, position=0, leave=True,
-                                smoothing=0, bar_format=OUTER_FORMAT, dynamic_ncols=True)
-      else:
-        self._outer.total = self.total
-        self._outer.refresh()
+    self._refresh_total()
+
+  def _refresh_total(self) -> None:
+    if not self.enabled:
+      return
+    if self._outer is None:
+      self._outer = tqdm.tqdm(total=self.total, desc=self._desc, position=0, leave=True,
+                              smoothing=0, bar_format=OUTER_FORMAT, dynamic_ncols=True)
+    else:
+      self._outer.total = self.total
+      self._outer.refresh()
+
+  def abandon(self, key: Hashable) -> None:
+    """Takes what is left of run `key`'s work out of the total (a run that failed)."""
+    if key in self._plans:
+      self._plans[key] = {"done": self._done.get(key, 0.0)}
+      self._refresh_total()
 
   @contextlib.contextmanager
   def stage(self, key: Hashable, name: str) -> Iterator[None]:
     """Brackets stage `name` of run `key`; on success the outer bar gets its full work."""
     self._current, self._stage_done = (key, name), 0.0
+    self._stage_size = self._planned()
     try:
       yield
+      self.advance(self._planned() - self._stage_done, force=True)
     finally:
       self._current = None
-    self.advance(self._plans.get(key, {}).get(name, 0.0) - self._stage_done, force=True)
 
-  def _stage_work(self) -> float:
+  def _planned(self) -> float:
     if self._current is None:
       return 0.0
     key, name = self._current
@@ -153,21 +172,27 @@ class Tracker:
     """A bar for `total` units that together are `part` of the current stage's work.
 
     `initial` units were finished by an earlier (killed) process: they are shown as done
-    and taken out of the outer bar's remaining work, so they do not inflate its rate.
+    and leave the outer bar's total, so they do not inflate its rate.
     """
-    work_per_unit = self._stage_work() * part / max(total, 1)
-    if initial and self._outer is not None:
-      self._outer.total -= min(initial * work_per_unit, self._outer.total - self._outer.n)
-      self._stage_done += initial * work_per_unit
-      self._outer.refresh()
+    work_per_unit = self._stage_size * part / max(total, 1)
+    if initial and self._current is not None:
+      key, name = self._current
+      plan = self._plans[key]
+      plan[name] = max(0.0, plan[name] - initial * work_per_unit)
+      self._refresh_total()
     return Bar(self, desc, total, work_per_unit=work_per_unit, initial=initial, unit=unit,
                every=every)
 
   def advance(self, work: float, *, force: bool = False) -> None:
     """Moves the outer bar by `work`, within what the current stage has left unless forced."""
+    if self._current is None:
+      return
     if not force:
-      work = max(0.0, min(work, self._stage_work() - self._stage_done))
+      work = min(work, self._planned() - self._stage_done)
+    work = max(0.0, work)
     self._stage_done += work
+    key = self._current[0]
+    self._done[key] = self._done.get(key, 0.0) + work
     if self._outer is not None and work > 0:
       self._outer.update(work)
 
