@@ -36,6 +36,9 @@ CONFIG_FLAG = "config"
 
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   """This command's flags, in a FlagValues of their own (so a process can parse many times)."""
+  # ml_collections loads the config file as this module, re-executing into an old one if
+  # present; start from none, so a name the file no longer defines is really gone.
+  sys.modules.pop(f"{CONFIG_FLAG}_config", None)
   values = flags.FlagValues()
   config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file and variant, e.g. "
                                   "configs/cifar_patch.py:quick. Fields are overridden with "
@@ -84,6 +87,10 @@ def _unknown_override(config_arg: str, argv: Sequence[str]) -> str | None:
     config = _flag_values(bare)
     config(bare)
     config = config[CONFIG_FLAG].value
+    if not isinstance(config, config_dict.ConfigDict):
+      getattr(config, "keys", None)  # Raises the load error of a file that failed to load.
+      return f"--{CONFIG_FLAG}={config_arg}: get_config() returned " \
+             f"{type(config).__name__}, not a ConfigDict"
     for arg in argv[1:]:
       name = arg.lstrip("-").split("=", 1)[0]
       if not name.startswith(f"{CONFIG_FLAG}."):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from typing import Callable
 
 import ml_collections
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import data, errors, files, poison, report, triggers
+from linfjax import checkpoints, data, errors, files, poison, report, triggers
 from linfjax import progress as progress_lib
 from linfjax.stages import analysis as analysis_stage
 from linfjax.stages import prune as prune_stage
@@ -32,6 +33,7 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     "analysis": analysis_stage.run,
     "prune": prune_stage.run,
 }
+MODEL_STAGES = ("reverse", "analysis", "prune")  # Stages that load the trained models.
 
 
 class WorkdirError(errors.UserError, RuntimeError):
@@ -186,15 +188,39 @@ def plan_work(tracker: progress_lib.Tracker, config: ml_collections.ConfigDict, 
   tracker.plan(workdir, {stage: work[stage] for stage in config.stages if stage not in results})
 
 
+def check_trained_models(ctx: RunContext, pending: list[str]) -> None:
+  """Restores the finished train stage's models when a pending stage needs them.
+
+  Runs before anything is written, so a missing, truncated or foreign checkpoint is a
+  CheckpointError that leaves the workdir as it was.
+  """
+  if "train" in pending or not set(pending) & set(MODEL_STAGES):
+    return
+  for kind in train_stage.MODEL_KINDS:
+    directory = train_stage.checkpoint_dir(ctx.workdir, kind)
+    try:
+      if not os.path.isdir(directory):
+        raise checkpoints.CheckpointError(f"{directory}: no checkpoint folder")
+      train_stage.load_trained(ctx, kind)
+    except checkpoints.CheckpointError as e:
+      raise checkpoints.CheckpointError(
+          f"{errors.one_line(e)} results.json records the train stage as finished and later "
+          f"stages need its models: delete {os.path.join(ctx.workdir, 'train')} and "
+          f"{os.path.join(ctx.workdir, 'results.json')} to train again, then rerun") from None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         progress: bool | progress_lib.Tracker = True,
         dataset: data.Dataset | None = None) -> dict:
   """Validates the config, then runs every unfinished stage; returns results.json's content.
 
-  Nothing is written until the config, the workdir and the data have been checked, so a
-  run that fails on a mistake leaves the workdir as it was. `dataset`, when given, is
-  `config.data` already loaded (a grid loads it once). `progress` is a flag, or the
-  grid's Tracker (linfjax/progress.py) this run's stages report to.
+  Nothing is written until the config, the workdir, the data and the checkpoints that the
+  pending stages need have been checked, so a run that fails on a mistake leaves the
+  workdir as it was. A workdir this call created is removed again when a user error
+  (say, a diverging loss) ends the run before its first stage finished, so the fixed
+  command can rerun into it. `dataset`, when given, is `config.data` already loaded (a
+  grid loads it once). `progress` is a flag, or the grid's Tracker (linfjax/progress.py)
+  this run's stages report to.
   """
   config_lib.validate(config)
   check_workdir(config, workdir)
@@ -208,17 +234,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     report.write_report(workdir)
     return results
   ctx = make_context(config, workdir, progress=progress, dataset=dataset)
+  check_trained_models(ctx, pending)
+  fresh = not os.path.exists(workdir)
   prepare_workdir(config, workdir)
   tracker = ctx.progress
-  plan_work(tracker, config, workdir, ctx.dataset)
   results_path = os.path.join(workdir, "results.json")
-  for stage in pending:
-    logging.info("stage %s: running", stage)
-    with tracker.stage(workdir, stage):
-      results[stage] = STAGES[stage](ctx)
-    files.write_json(results_path, results)
+  try:
+    plan_work(tracker, config, workdir, ctx.dataset)
+    for stage in pending:
+      logging.info("stage %s: running", stage)
+      with tracker.stage(workdir, stage):
+        results[stage] = STAGES[stage](ctx)
+      files.write_json(results_path, results)
+  except errors.UserError:
+    if fresh and not os.path.exists(results_path):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  finally:
+    if not isinstance(progress, progress_lib.Tracker):
+      tracker.close()
   logging.info("report: writing %s", os.path.join(workdir, report.REPORT_FILE))
   report.write_report(workdir)
-  if not isinstance(progress, progress_lib.Tracker):
-    tracker.close()
   return results
