@@ -203,9 +203,12 @@ def check_trained_models(ctx: RunContext, pending: list[str]) -> None:
         raise checkpoints.CheckpointError(f"{directory}: no checkpoint folder")
       train_stage.load_trained(ctx, kind)
     except checkpoints.CheckpointError as e:
+      reason = errors.one_line(e).removeprefix(directory + ": ")
+      reason = reason if len(reason) <= 160 else reason[:157] + "..."
       raise checkpoints.CheckpointError(
-          f"{errors.one_line(e)} results.json records the train stage as finished and later "
-          f"stages need its models: delete {os.path.join(ctx.workdir, 'train')} and "
+          f"{directory}: the trained {kind} model cannot be restored; it is missing, "
+          f"truncated or from another model ({reason}). results.json records the train stage "
+          f"as finished: delete {os.path.join(ctx.workdir, 'train')} and "
           f"{os.path.join(ctx.workdir, 'results.json')} to train again, then rerun") from None
 
 

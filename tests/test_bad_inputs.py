@@ -8,6 +8,7 @@ folder of the workdir and the data is byte for byte what it was (hashed before a
 
 import contextlib
 import errno
+import gc
 import hashlib
 import os
 import pickle
@@ -459,7 +460,8 @@ def trained(data_dir, workdir):
     store.save(config.train.epochs, state)
     store.close()
   files.write_json(os.path.join(workdir, "results.json"), {"seed": 0, "train": {}})
-  return workdir
+  yield workdir
+  gc.collect()  # Orbax's failed reads log "Task exception was never retrieved" when collected.
 
 
 def _checkpoint_step_dir(workdir, kind="backdoored"):
@@ -469,9 +471,9 @@ def _checkpoint_step_dir(workdir, kind="backdoored"):
 def test_missing_checkpoint(capsys, data_dir, trained):
   import shutil
   shutil.rmtree(_checkpoint_step_dir(trained))
-  refused(capsys, tiny_args(data_dir, trained), r"backdoored: the backdoored model has not "
-          r"finished training .* delete .*train and .*results\.json to train again", trained,
-          data_dir)
+  refused(capsys, tiny_args(data_dir, trained), r"backdoored: the trained backdoored model "
+          r"cannot be restored.*\(the backdoored model has not finished training .* delete "
+          r".*train and .*results\.json to train again", trained, data_dir)
 
 
 def test_truncated_checkpoint(capsys, data_dir, trained):
@@ -480,8 +482,9 @@ def test_truncated_checkpoint(capsys, data_dir, trained):
   largest = max(paths, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.truncate(os.path.getsize(largest) // 2)
-  refused(capsys, tiny_args(data_dir, trained), r"checkpoint 1 cannot be restored .*delete "
-          r".*train and .*results\.json", trained, data_dir)
+  refused(capsys, tiny_args(data_dir, trained), r"backdoored: the trained backdoored model "
+          r"cannot be restored; it is missing, truncated or from another model \(checkpoint 1 "
+          r"cannot be restored .*delete .*train and .*results\.json", trained, data_dir)
 
 
 def test_foreign_checkpoint_of_another_model(capsys, data_dir, trained, tmp_path):
@@ -494,8 +497,8 @@ def test_foreign_checkpoint_of_another_model(capsys, data_dir, trained, tmp_path
   store = checkpoints.StageCheckpoints(directory)
   store.save(1, state)
   store.close()
-  refused(capsys, tiny_args(data_dir, trained), r"vanilla: checkpoint 1 cannot be restored",
-          trained, data_dir)
+  refused(capsys, tiny_args(data_dir, trained), r"vanilla: the trained vanilla model cannot be "
+          r"restored.*\(checkpoint 1 cannot be restored", trained, data_dir)
 
 
 # --- a run that was runnable but failed -------------------------------------------------------
