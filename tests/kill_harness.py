@@ -201,11 +201,12 @@ class Reference:
   results: dict  # workdir (or grid run name) -> results.json
 
 
-def reference(setup: Setup, *, grid: bool = False) -> Reference:
-  """An uninterrupted run, timed with a warm compilation cache (as the trials run)."""
+def reference(setup: Setup, *, grid: bool = False, warm: bool = True) -> Reference:
+  """An uninterrupted run, timed with a warm compilation cache (as the trials run) unless
+  `warm=False` (then one run, whose stage times include compiling)."""
   workdir = os.path.join(setup.root, "reference_grid" if grid else "reference")
   cache = setup.env["JAX_COMPILATION_CACHE_DIR"]
-  if not os.path.isdir(cache) or not os.listdir(cache):
+  if warm and (not os.path.isdir(cache) or not os.listdir(cache)):
     shutil.rmtree(workdir, ignore_errors=True)
     run(setup, workdir, grid=grid)  # Fills the cache; its timings include compiling.
   shutil.rmtree(workdir, ignore_errors=True)
