@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging as std_logging
 import os
+import re
 import sys
 import traceback
 from typing import Sequence
@@ -111,6 +113,19 @@ def _unknown_override(config_arg: str, argv: Sequence[str]) -> str | None:
   return None
 
 
+def _default_type(config_arg: str, path: str) -> str | None:
+  """The type name of field `path` ('config.a.b') in the config file's config, if it loads."""
+  try:
+    values = _flag_values([CONFIG_FLAG, f"--{CONFIG_FLAG}={config_arg}"])
+    values([CONFIG_FLAG, f"--{CONFIG_FLAG}={config_arg}"])
+    node = values[CONFIG_FLAG].value
+    for part in path.split(".")[1:]:
+      node = node[part]
+    return type(node).__name__
+  except Exception:  # Only a hint: without it the message still stands.
+    return None
+
+
 def _flag_error(error: BaseException, argv: Sequence[str]) -> errors.UserError:
   """One line for a command line that does not parse (flags, config file, overrides)."""
   config_arg = _config_path(argv)
@@ -127,7 +142,10 @@ def _flag_error(error: BaseException, argv: Sequence[str]) -> errors.UserError:
                             f"({inner.msg}, {inner.filename} line {inner.lineno}); fix it")
   first_line = str(error).split("\n", 1)[0]
   if isinstance(error, flags.Error) and "Error whilst parsing config file" not in first_line:
-    return errors.UserError(first_line.rstrip(": "))
+    override = re.match(rf"flag --({CONFIG_FLAG}\.[\w.]+)=", first_line)
+    held = _default_type(config_arg, override.group(1)) if override and config_arg else None
+    hint = f"; {override.group(1)} holds a {held} (python -m linfjax.config)" if held else ""
+    return errors.UserError(first_line.removeprefix("flag ").rstrip(": ") + hint)
   where = f"--config={config_arg}" if config_arg else "the command line"
   return errors.UserError(f"{where}: {type(inner).__name__}: {errors.one_line(inner)} (run "
                           "with --verbosity=1 for the traceback)")
@@ -212,6 +230,8 @@ def cli(argv: Sequence[str]) -> int:
     _parse(values, argv)
     verbosity = values.verbosity
     logging.set_verbosity(max(-1, min(verbosity, 1)))
+    if verbosity < 1:  # JAX's INFO lines (e.g. "Unable to initialize backend 'tpu'") are noise.
+      std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     # Orbax logs every save step by step at INFO; keep linfjax's own progress readable.
     logging.get_absl_handler().addFilter(_not_orbax)
     _run(values)
