@@ -160,14 +160,15 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
 def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict[str, float]:
   """Each stage's work in image passes (a backward pass counts 2), for the progress estimate.
 
-  Rough by design (model cost per image is the same in every stage; pruning heads and
-  figures are ignored), it only has to rank the stages' durations sensibly.
+  Rough by design: the model's cost per image is taken as the same in every stage, and the
+  pruning sweep's heads (the layers after L, for every mask) and the figures are left out.
+  On the quick config this gives train 77 %, reverse 18 %, analysis 1 %, prune 4 % of the
+  work, against 80 / 14 / 2 / 4 % of the time measured for the README (seed 4).
   """
   num_train = len(dataset.train_labels) - config.data.clean_set_size
   clean_set, test = config.data.clean_set_size, len(dataset.test_labels)
-  models = 2  # backdoored and vanilla
+  models, sources = 2, 2  # backdoored and vanilla; synthetic and real trigger
   train_steps = config.train.epochs * (num_train // config.train.batch_size)
-  methods = len(config.prune.norms) + int(config.prune.fine_pruning)
   tuned = int(config.prune.fine_pruning) + (len(config.prune.norms) if config.prune.fine_tune
                                             else 0)
   return {
@@ -175,8 +176,8 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
       "reverse": (models * config.reverse.steps * config.reverse.mini_batches
                   * config.reverse.batch_size * dataset.num_classes * 3.0),
       "analysis": models * 3 * (clean_set + 3 * analysis_stage.ATTENTION_IMAGES),
-      "prune": 2 * ((test + clean_set) * 2 * (1 + 0.1 * methods * len(config.prune.levels))
-                    + tuned * config.prune.fine_tune_epochs * clean_set * 3.0),
+      "prune": sources * ((test + clean_set) * 2
+                          + tuned * config.prune.fine_tune_epochs * clean_set * 3.0),
   }
 
 
