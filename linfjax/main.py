@@ -18,11 +18,8 @@ what is wrong, where, and the fix, with exit status 2 and the workdir left as it
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging as std_logging
-import os
-import re
 import sys
 import traceback
 from typing import Sequence
@@ -30,17 +27,17 @@ from typing import Sequence
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
-from linfjax import errors
+from linfjax import errors, flag_errors
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
-CONFIG_FLAG = "config"
+CONFIG_FLAG = flag_errors.CONFIG_FLAG
 
 
 def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   """This command's flags, in a FlagValues of their own (so a process can parse many times)."""
   # ml_collections loads the config file as this module, re-executing into an old one if
   # present; start from none, so a name the file no longer defines is really gone.
-  sys.modules.pop(f"{CONFIG_FLAG}_config", None)
+  sys.modules.pop(flag_errors.CONFIG_MODULE, None)
   values = flags.FlagValues()
   config_flags.DEFINE_config_file(CONFIG_FLAG, None, "Config file and variant, e.g. "
                                   "configs/cifar_patch.py:quick. Fields are overridden with "
@@ -65,111 +62,13 @@ def _usage(values: flags.FlagValues) -> str:
   return f"{__doc__}\nflags:\n{values.get_help(include_special_flags=False)}\n"
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
-  """The value of --config in argv (None when absent)."""
-  for i, arg in enumerate(argv):
-    for prefix in (f"--{CONFIG_FLAG}=", f"-{CONFIG_FLAG}="):
-      if arg.startswith(prefix):
-        return arg[len(prefix):]
-    if arg in (f"--{CONFIG_FLAG}", f"-{CONFIG_FLAG}") and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _innermost(error: BaseException) -> BaseException:
-  while error.__cause__ is not None or error.__context__ is not None:
-    error = error.__cause__ or error.__context__
-  return error
-
-
-def _unknown_override(config_arg: str, argv: Sequence[str]) -> str | None:
-  """A message naming the first --config.FIELD in argv that the config lacks, if any."""
-  try:
-    bare = [argv[0], f"--{CONFIG_FLAG}={config_arg}"]  # The config without overrides.
-    config = _flag_values(bare)
-    config(bare)
-    config = config[CONFIG_FLAG].value
-    if not isinstance(config, config_dict.ConfigDict):
-      getattr(config, "keys", None)  # Raises the load error of a file that failed to load.
-      return f"--{CONFIG_FLAG}={config_arg}: get_config() returned " \
-             f"{type(config).__name__}, not a ConfigDict"
-    for arg in argv[1:]:
-      name = arg.lstrip("-").split("=", 1)[0]
-      if not name.startswith(f"{CONFIG_FLAG}."):
-        continue
-      node, walked = config, CONFIG_FLAG
-      for part in name.split(".")[1:]:
-        if not isinstance(node, config_dict.ConfigDict):
-          return f"--{name}: {walked} is a value, not a block; set it as --{walked}=VALUE"
-        if part not in node:
-          known = sorted(node.keys())
-          close = difflib.get_close_matches(part, known, n=1)
-          hint = f"did you mean --{walked}.{close[0]}? " if close else ""
-          return (f"--{name}: {walked} has no field {part!r}; {hint}known: "
-                  f"{', '.join(known)} (every field: python -m linfjax.config)")
-        node, walked = node[part], f"{walked}.{part}"
-  except Exception:  # The config itself is broken; the caller reports that instead.
-    return None
-  return None
-
-
-def _default_type(config_arg: str, path: str) -> str | None:
-  """The type name of field `path` ('config.a.b') in the config file's config, if it loads."""
-  try:
-    values = _flag_values([CONFIG_FLAG, f"--{CONFIG_FLAG}={config_arg}"])
-    values([CONFIG_FLAG, f"--{CONFIG_FLAG}={config_arg}"])
-    node = values[CONFIG_FLAG].value
-    for part in path.split(".")[1:]:
-      node = node[part]
-    return type(node).__name__
-  except Exception:  # Only a hint: without it the message still stands.
-    return None
-
-
-def _flag_error(error: BaseException, argv: Sequence[str]) -> errors.UserError:
-  """One line for a command line that does not parse (flags, config file, overrides)."""
-  config_arg = _config_path(argv)
-  unknown = _unknown_override(config_arg, argv) if config_arg else None
-  if unknown:
-    return errors.UserError(unknown)
-  inner = _innermost(error)
-  if isinstance(error, flags.UnrecognizedFlagError):
-    return errors.UserError(f"{errors.one_line(error)}; the flags are listed by --help")
-  if isinstance(inner, errors.UserError):
-    return errors.UserError(f"--config={config_arg}: {errors.one_line(inner)}")
-  if isinstance(inner, SyntaxError):
-    return errors.UserError(f"--config={config_arg}: the config file does not parse "
-                            f"({inner.msg}, {inner.filename} line {inner.lineno}); fix it")
-  first_line = str(error).split("\n", 1)[0]
-  if isinstance(error, flags.Error) and "Error whilst parsing config file" not in first_line:
-    override = re.match(rf"flag --({CONFIG_FLAG}\.[\w.]+)=", first_line)
-    held = _default_type(config_arg, override.group(1)) if override and config_arg else None
-    hint = f"; {override.group(1)} holds a {held} (python -m linfjax.config)" if held else ""
-    return errors.UserError(first_line.removeprefix("flag ").rstrip(": ") + hint)
-  where = f"--config={config_arg}" if config_arg else "the command line"
-  return errors.UserError(f"{where}: {type(inner).__name__}: {errors.one_line(inner)} (run "
-                          "with --verbosity=1 for the traceback)")
-
-
-def _check_config_file(config_arg: str | None) -> None:
-  if not config_arg:
-    raise errors.UserError("--config is required, e.g. --config=configs/cifar_patch.py:quick "
-                           "(see --help)")
-  path = config_arg.split(":", 1)[0]
-  if not os.path.isfile(path):
-    here = os.path.dirname(path) or "."
-    known = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
-    listing = f"; {here} holds {', '.join(known)}" if known else ""
-    raise errors.UserError(f"--config={config_arg}: no config file {path!r} (the working "
-                           f"directory is {os.getcwd()}){listing}")
-
-
 def _parse(values: flags.FlagValues, argv: Sequence[str]) -> None:
-  _check_config_file(_config_path(argv))
+  config_arg = flag_errors.config_argument(argv)
+  flag_errors.check_config_file(config_arg)
   try:
     values(list(argv))
   except Exception as error:  # Every parse failure here is the command line's, not a bug.
-    raise _flag_error(error, argv) from error
+    raise flag_errors.explain(error, argv) from error
   if not values.workdir:
     raise errors.UserError("--workdir is required: the run directory to create or resume, "
                            "e.g. --workdir=runs/quick")
@@ -178,9 +77,9 @@ def _parse(values: flags.FlagValues, argv: Sequence[str]) -> None:
     try:
       config.keys()  # ml_collections stands in an object that raises the load error.
     except OSError as error:
-      raise errors.UserError(f"--config={_config_path(argv)}: the config cannot be loaded "
-                             f"({errors.one_line(_innermost(error))})") from error
-    raise errors.UserError(f"--config={_config_path(argv)}: get_config() returned "
+      raise errors.UserError(f"--config={config_arg}: the config cannot be loaded "
+                             f"({errors.one_line(flag_errors.innermost(error))})") from error
+    raise errors.UserError(f"--config={config_arg}: get_config() returned "
                            f"{type(config).__name__}, not a ConfigDict")
 
 
