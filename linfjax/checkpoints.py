@@ -14,8 +14,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from linfjax import errors
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint exists but cannot be restored into the expected structure."""
 
 

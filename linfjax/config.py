@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from linfjax import models, outliers, train
+from linfjax import errors, models, outliers, train
 from linfjax import prune as prune_lib
 
 MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11")
@@ -54,7 +54,7 @@ TRIGGER_PRESETS = {
 SHARED_SUBSET = "../shared/data/cifar10-subset"
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field holds a value that linfjax cannot run with."""
 
 
@@ -226,7 +226,34 @@ def _fail(field: str, message: str) -> None:
   raise ConfigError(f"config.{field}: {message}")
 
 
+# While `checked_rules` runs `validate`, every `_check_*` call records its field's rule here,
+# so the field listing (linfjax/config_fields.py) reads the rules off validation itself.
+_rules: dict[str, str] | None = None
+
+
+def _note(field: str, rule: str) -> None:
+  if _rules is not None:
+    _rules.setdefault(field, rule)
+
+
+def checked_rules(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, str]:
+  """Field -> the rule `validate` checks it against (as text), over valid `configs`.
+
+  A field checked only under some settings (say `trigger.alpha`, for blend triggers)
+  appears when one of `configs` has those settings.
+  """
+  global _rules
+  _rules = {}
+  try:
+    for config in configs:
+      validate(config)
+    return dict(_rules)
+  finally:
+    _rules = None
+
+
 def _check_choice(config, field: str, allowed: Sequence[str]) -> None:
+  _note(field, f"one of {', '.join(repr(a) for a in allowed)}")
   value = _get(config, field)
   if value not in allowed:
     _fail(field, f"unknown value {value!r}; known: {', '.join(allowed)}")
@@ -234,6 +261,7 @@ def _check_choice(config, field: str, allowed: Sequence[str]) -> None:
 
 def _check_range(config, field: str, low: float, high: float,
                  low_open: bool = False, high_open: bool = False) -> None:
+  _note(field, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
   value = _get(config, field)
   if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
     _fail(field, f"must be a number, got {value!r}")
@@ -245,6 +273,7 @@ def _check_range(config, field: str, low: float, high: float,
 
 
 def _check_int(config, field: str, minimum: int) -> None:
+  _note(field, f"an integer >= {minimum}")
   value = _get(config, field)
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
     _fail(field, f"must be an integer >= {minimum}, got {value!r}")
@@ -425,3 +454,10 @@ def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Seq
           f"{num_train - config.data.clean_set_size} training images")
   if config.train.crop_padding >= min(height, width):
     _fail("train.crop_padding", f"{config.train.crop_padding} is not smaller than the image")
+
+
+if __name__ == "__main__":  # `python -m linfjax.config`: every field, default, rule and meaning.
+  import sys
+
+  from linfjax import config_fields
+  sys.exit(config_fields.main(sys.argv))

@@ -18,8 +18,10 @@ from typing import Iterator
 
 import numpy as np
 
+from linfjax import errors
 
-class DatasetError(ValueError):
+
+class DatasetError(errors.UserError, ValueError):
   """A dataset is missing, unreadable, or not what its format promises."""
 
 
@@ -157,7 +159,9 @@ def load_cifar10_dir(path: str) -> Dataset:
   """
   if not os.path.isdir(path):
     raise DatasetError(f"{path}: no such directory (data.path should name a "
-                       f"{CIFAR_BATCH_DIR} directory or its parent)")
+                       f"{CIFAR_BATCH_DIR} directory or its parent); to download CIFAR-10 "
+                       "and write the quick subset, run `python -m linfjax.fetch DIR`, then "
+                       "pass --config.data.path=DIR/cifar10-subset")
   _verify_checksums(path)
   batch_dir = os.path.join(path, CIFAR_BATCH_DIR)
   if not os.path.isdir(batch_dir):
@@ -253,8 +257,16 @@ def padded_batches(batch_size: int, *arrays: np.ndarray) -> Iterator[tuple[tuple
 
   Yields:
     (one [batch_size, ...] batch per array, how many leading rows are real).
+
+  Raises:
+    ValueError: when the arrays differ in length (a shorter one would be zero-padded into
+      wrong rows), or batch_size < 1.
   """
-  for start in range(0, len(arrays[0]), batch_size):
+  lengths = [len(a) for a in arrays]
+  if not arrays or len(set(lengths)) != 1 or batch_size < 1:
+    raise ValueError(f"padded_batches needs arrays of one length and batch_size >= 1; got "
+                     f"lengths {lengths}, batch_size {batch_size}")
+  for start in range(0, lengths[0], batch_size):
     batch = tuple(np.asarray(a[start:start + batch_size]) for a in arrays)
     num_valid = len(batch[0])
     if num_valid < batch_size:

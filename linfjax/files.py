@@ -17,9 +17,13 @@ def _replacing(path: str, mode: str):
   with tempfile.NamedTemporaryFile(mode, dir=directory, delete=False, suffix=".tmp") as f:
     try:
       yield f
-    except BaseException:
-      f.close()
+      f.flush()  # A full disk fails here, inside the block, not when the file closes.
+    except BaseException as error:
+      with contextlib.suppress(OSError):  # Closing flushes again, and fails again.
+        f.close()
       os.remove(f.name)
+      if isinstance(error, OSError) and error.filename is None:
+        raise OSError(error.errno, error.strerror, path) from error
       raise
   os.replace(f.name, path)
 

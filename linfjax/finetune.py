@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from linfjax import models, train
+from linfjax import models, pixels, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def masked_step(state: train.TrainState, images: jax.Array, labels: jax.Array,
   Returns:
     The new state and the batch's loss (before the update).
   """
-  x = images[batch_indices].astype(jnp.float32) / 255.0
+  x = pixels.to_unit_float(images[batch_indices])
   y = labels[batch_indices]
   x = train.augment(jax.random.fold_in(key, state.step), x, padding=padding, flip=flip,
                     padding_mode=padding_mode)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import data
+from linfjax import data, pixels
 
 
 def gradcam(variables, images: jax.Array, classes: jax.Array, *, apply_fn: Callable,
@@ -33,7 +33,7 @@ def gradcam(variables, images: jax.Array, classes: jax.Array, *, apply_fn: Calla
 
   Args:
     variables: the model's variables.
-    images: [B, H, W, C] float in [0, 1].
+    images: [B, H, W, C], uint8 pixels or floats in [0, 1] (`pixels.to_unit_float`).
     classes: [B] int, the class whose logit each map explains.
     apply_fn: `model.apply` of a `models.LayeredClassifier`.
     layer: the layer `L` (a name in the model's layer plan).
@@ -44,7 +44,7 @@ def gradcam(variables, images: jax.Array, classes: jax.Array, *, apply_fn: Calla
   chex.assert_rank(images, 4)
   chex.assert_shape(classes, (images.shape[0],))
   batch, height, width, _ = images.shape
-  features, _ = apply_fn(variables, images, stop=layer)
+  features, _ = apply_fn(variables, pixels.to_unit_float(images), stop=layer)
   features = features.astype(jnp.float32)
 
   def class_logits(activation):
@@ -92,7 +92,7 @@ def batched_gradcam(apply_fn: Callable, variables, images: np.ndarray, classes: 
   """Grad-CAM over many images in fixed-size (padded) batches: [N, H, W] float32."""
   step = compiled_gradcam(apply_fn, layer)
   maps = []
-  images = np.asarray(images, np.float32)
+  images = np.asarray(images)
   classes = np.asarray(classes, np.int32)
   for (batch, batch_classes), num_valid in data.padded_batches(batch_size, images, classes):
     maps.append(np.asarray(step(variables, batch, batch_classes))[:num_valid])

@@ -17,8 +17,11 @@ with `error.json` in it when the run's last attempt failed. `write_grid_report` 
 A run is `finished` when results.json holds every stage its config.json names, `failed`
 when error.json exists or a file of it cannot be read, else `incomplete`; only finished
 runs are aggregated. A list in results.json is a column per element (`...anomaly_index.0`),
-null an empty cell not counted in n; strings and booleans are left out; results.json's
-`seed` is shown but never aggregated.
+null an empty cell not counted in n; strings and booleans are left out. Labels (`seed` and
+class indices: `summarize.CATEGORICAL`, e.g. `reverse.flagged`) are shown per run but
+never averaged: aggregates.csv counts their values per group in `<column>.counts`
+("0: 2, null: 1"). n is the number of finished runs that have a number in a column, so a
+column some runs lack (an older run's skipped `prune.synthetic`) says so by its n.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 import scipy.stats
 from absl import app, logging
 
-from linfjax import figures, files, report
+from linfjax import errors, figures, files, report, summarize
 
 GRID_FILE = "grid.json"
 ERROR_FILE = "error.json"
@@ -57,7 +60,7 @@ PRUNE_HEADLINES = ("CA", "ASR_real", "DER", "r_star")
 LEFT = ' class="text"'
 
 
-class GridReportError(ValueError):
+class GridReportError(errors.UserError, ValueError):
   """grid.json is missing or does not describe a grid."""
 
 
@@ -80,6 +83,7 @@ class Aggregate:
   runs: int
   finished: int
   stats: dict[str, dict[str, Any]]  # result column -> mean_ci(...)
+  counts: dict[str, str] = dataclasses.field(default_factory=dict)  # label column -> counts
 
 
 def read_grid(grid_dir: str) -> tuple[list[tuple[str, list]], list[tuple[str, dict]]]:
@@ -190,9 +194,19 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
   return {"n": n, "mean": float(np.mean(values)) if n else None, "sd": sd, "ci95": ci95}
 
 
-def aggregate(runs: Sequence[Run], fields: Sequence[str],
-              columns: Sequence[str]) -> list[Aggregate]:
-  """Per combination of `fields` (in order of first appearance), its finished runs' stats."""
+def _value_counts(values: Sequence[Any]) -> str:
+  """'0: 2, null: 1' for a label column's values (None is null)."""
+  counts: dict[str, int] = {}
+  for value in values:
+    key = "null" if value is None else f"{value:g}"
+    counts[key] = counts.get(key, 0) + 1
+  return ", ".join(f"{key}: {n}" for key, n in counts.items())
+
+
+def aggregate(runs: Sequence[Run], fields: Sequence[str], columns: Sequence[str],
+              labels: Sequence[str] = ()) -> list[Aggregate]:
+  """Per combination of `fields` (in order of first appearance), its finished runs' stats
+  over `columns` and value counts of the `labels` columns."""
   groups: dict[tuple, list[Run]] = {}
   for run in runs:
     groups.setdefault(json.dumps([run.values[f] for f in fields]), []).append(run)
@@ -201,8 +215,10 @@ def aggregate(runs: Sequence[Run], fields: Sequence[str],
     finished = [run for run in members if run.status == "finished"]
     stats = {c: mean_ci([run.numbers[c] for run in finished if run.numbers.get(c) is not None])
              for c in columns}
+    counts = {c: _value_counts([run.numbers[c] for run in finished if c in run.numbers])
+              for c in labels}
     rows.append(Aggregate({f: members[0].values[f] for f in fields}, len(members),
-                          len(finished), stats))
+                          len(finished), stats, counts))
   return rows
 
 
@@ -330,7 +346,8 @@ def render(grid_dir: str, axes: Sequence[tuple[str, list]], runs: Sequence[Run],
           f"<details><summary>traceback</summary><pre>{_esc(r.traceback)}</pre></details>"
           if r.traceback else "")] for r in failed], 3) if failed else "<p>none</p>")
   parts += ["<h2>Aggregates over finished runs</h2>",
-            f"<p>mean ± 95 % CI half-width (n finished runs with the number), grouped by "
+            f"<p>mean ± 95 % CI half-width (n: the finished runs that have the number; "
+            f"fewer than finished where some runs lack it), grouped by "
             f"{_esc(', '.join(grouped) or 'nothing (one group)')}; every number's n, mean, sd "
             f"and CI are in <code>{AGGREGATES_CSV}</code>, every run's in "
             f"<code>{GRID_CSV}</code>.</p>",
@@ -365,12 +382,15 @@ def write_grid_report(grid_dir: str) -> str:
              [[run.name, run.status, *(run.values[f] for f in fields),
                *(run.numbers.get(c) for c in columns)] for run in runs])
   grouped = [field for field in fields if field != SEED_AXIS]
-  measured = [c for c in columns if c != SEED_AXIS]
-  aggregates = aggregate(runs, grouped, measured)
+  measured = [c for c in columns if not summarize.is_categorical(c)]
+  labels = [c for c in columns if summarize.is_categorical(c) and c != SEED_AXIS]
+  aggregates = aggregate(runs, grouped, measured, labels)
   _write_csv(os.path.join(grid_dir, AGGREGATES_CSV),
-             [*grouped, "runs", "finished", *(f"{c}.{s}" for c in measured for s in STATS)],
+             [*grouped, "runs", "finished", *(f"{c}.{s}" for c in measured for s in STATS),
+              *(f"{c}.counts" for c in labels)],
              [[*(row.values[f] for f in grouped), row.runs, row.finished,
-               *(row.stats[c][s] for c in measured for s in STATS)] for row in aggregates])
+               *(row.stats[c][s] for c in measured for s in STATS),
+               *(row.counts[c] for c in labels)] for row in aggregates])
   pngs, figure_note = _write_figures(grid_dir, axes, aggregates, measured)
   path = os.path.join(grid_dir, HTML_FILE)
   files.write_text(path, render(grid_dir, axes, runs, aggregates, measured, pngs, figure_note))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import data, poison, triggers
+from linfjax import data, pixels, poison, triggers
 
 
 def attack_metrics(clean_predictions, triggered_predictions, labels, *, target: int,
@@ -44,8 +44,8 @@ def der(*, ca_before: float, ca_after: float, asr_before: float, asr_after: floa
   return (max(0.0, d_asr) - max(0.0, d_ca) + 100.0) / 2.0
 
 
-def _predict_clean_and_triggered(variables, images_uint8, trigger, *, apply_fn):
-  images = images_uint8.astype(jnp.float32) / 255.0
+def _predict_clean_and_triggered(variables, images, trigger, *, apply_fn):
+  images = pixels.to_unit_float(images)
   both = jnp.concatenate([images, triggers.apply(trigger, images)])
   logits, _ = apply_fn(variables, both)
   predictions = jnp.argmax(logits, -1)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import data, triggers
+from linfjax import data, pixels, triggers
 
 NORMS = ("l1", "l2", "linf")
 # `rel` divides by a neuron's clean norm; a (near-)dead neuron's is floored at this share of
@@ -88,12 +88,6 @@ def merge(a: Moments, b: Moments) -> Moments:
   return Moments(count, mean, m2)
 
 
-def _to_unit_float(images: jax.Array) -> jax.Array:
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) / 255.0
-  return images.astype(jnp.float32)
-
-
 def batch_moments(variables, images: jax.Array, valid: jax.Array,
                   trigger_list: Sequence[triggers.Trigger], *, apply_fn: Callable,
                   norms: Sequence[str] = NORMS) -> dict[str, tuple]:
@@ -110,7 +104,7 @@ def batch_moments(variables, images: jax.Array, valid: jax.Array,
   Returns:
     layer -> (count [], mean [1 + T, len(norms), K], m2 [1 + T, len(norms), K]).
   """
-  x = _to_unit_float(images)
+  x = pixels.to_unit_float(images)
   batch = x.shape[0]
   stacked = jnp.concatenate([x] + [triggers.apply(t, x) for t in trigger_list])
   _, activations = apply_fn(variables, stacked)

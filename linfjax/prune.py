@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from linfjax import data, metrics, norms, triggers
+from linfjax import data, metrics, norms, pixels, triggers
 
 SCORES = ("shift", "triggered")
 LEVEL_UNITS = ("fraction", "count")
@@ -188,9 +188,7 @@ def masked_logits(variables, images: jax.Array, trigger_list: Sequence[triggers.
   chex.assert_rank(images, 4)
   if start not in mask_stacks:
     raise KeyError(f"start layer {start!r} has no masks ({', '.join(mask_stacks)})")
-  x = images.astype(jnp.float32)
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    x = x / 255.0
+  x = pixels.to_unit_float(images)
   batch = x.shape[0]
   stacked = jnp.concatenate([x] + [triggers.apply(t, x) for t in trigger_list])
   features, _ = apply_fn(variables, stacked, stop=start)

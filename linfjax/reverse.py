@@ -44,14 +44,14 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from linfjax import nc_schedule, triggers
+from linfjax import errors, nc_schedule, pixels, triggers
 
 # NC draws the initial mask and pattern uniformly in [0, 1]; ours: kept inside
 # [0.01, 0.99] so that their logits are finite.
 INIT_MARGIN = 0.01
 
 
-class ReverseDiverged(RuntimeError):
+class ReverseDiverged(errors.UserError, RuntimeError):
   """The reverse-engineering loss became NaN or infinite."""
 
 
@@ -159,7 +159,7 @@ def init(key: jax.Array, image_shape: tuple[int, int, int], num_classes: int,
 def _stamp(state: ClassState, images: jax.Array) -> jax.Array:
   """uint8 images [B, H, W, C] with the class's current trigger, floats in [0, 1]."""
   trigger = triggers.Trigger(to_unit(state.theta_mask)[..., None], to_unit(state.theta_pattern))
-  return triggers.apply(trigger, images.astype(jnp.float32) / 255.0)
+  return triggers.apply(trigger, pixels.to_unit_float(images))
 
 
 def update(state: ClassState, variables, images: jax.Array, batch_indices: jax.Array,

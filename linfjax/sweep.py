@@ -33,6 +33,7 @@ from absl import logging
 
 from linfjax import config as config_lib
 from linfjax import data, files, grid, grid_report, lockstep, pipeline, train
+from linfjax import progress as progress_lib
 from linfjax.stages import train as train_stage
 
 
@@ -108,9 +109,9 @@ def _train_group(workdir: str, members: list, datasets, mesh, *, progress: bool)
   plans, contexts = [], {}
   for run, kind in members:
     if run.name not in contexts:
-      pipeline.prepare_workdir(run.config, run_dir(workdir, run))
       ctx = pipeline.make_context(run.config, run_dir(workdir, run), progress=False,
                                   dataset=_dataset(datasets, run))
+      pipeline.prepare_workdir(run.config, run_dir(workdir, run))
       contexts[run.name] = (ctx, train_stage.training_sets(ctx))
     ctx, sets = contexts[run.name]
     plans.append(train_stage.plan(ctx, kind, sets[kind]))
@@ -171,26 +172,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, in
   pending_names = {r.name for r in pending}
   statuses = {r.name: "finished" for r in mine if r.name not in pending_names}
   started = time.perf_counter()
-  bar = tqdm.tqdm(total=len(pending), unit="run", desc="grid", disable=not progress)
+  tracker = progress_lib.Tracker(enabled=progress, desc="grid")
+  for run_item in pending:
+    pipeline.plan_work(tracker, run_item.config, run_dir(workdir, run_item),
+                       _dataset(datasets, run_item))
   for done, run_item in enumerate(pending):
     logging.info("grid: running %s (%d of %d unfinished)", run_item.name, done + 1, len(pending))
     try:
-      pipeline.run(run_item.config, run_dir(workdir, run_item), progress=False,
+      pipeline.run(run_item.config, run_dir(workdir, run_item), progress=tracker,
                    dataset=_dataset(datasets, run_item))
     except Exception as error:  # One run's failure must not stop the grid.
       logging.exception("grid: run %s failed", run_item.name)
       _record_failure(workdir, run_item, error)
+      tracker.abandon(run_dir(workdir, run_item))
       statuses[run_item.name] = "failed"
     else:
       if os.path.exists(error_path(workdir, run_item)):
         os.remove(error_path(workdir, run_item))
       statuses[run_item.name] = "finished"
-    bar.update(1)
     elapsed = time.perf_counter() - started
     left = len(pending) - done - 1
     failed = sum(status == "failed" for status in statuses.values())
     logging.info("grid: %d finished, %d failed, %d left in this shard; about %.1f min left",
                  len(statuses) - failed, failed, left, elapsed / (done + 1) * left / 60)
-  bar.close()
+  tracker.close()
   grid_report.write_grid_report(workdir)
   return statuses

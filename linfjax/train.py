@@ -21,10 +21,10 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from linfjax import poison, triggers
+from linfjax import errors, pixels, poison, triggers
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(errors.UserError, RuntimeError):
   """The loss became NaN or infinite."""
 
 
@@ -115,7 +115,7 @@ def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
   Returns:
     The new state and {'loss', 'accuracy'} of this batch (before the update).
   """
-  images = data.images[batch_indices].astype(jnp.float32) / 255.0
+  images = pixels.to_unit_float(data.images[batch_indices])
   labels = data.labels[batch_indices]
   images = augment(jax.random.fold_in(key, state.step), images, padding=padding, flip=flip,
                    padding_mode=padding_mode)
@@ -152,8 +152,11 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
 def train_epoch(state: TrainState, data: DeviceData, trigger: triggers.Trigger, *,
                 key: jax.Array, epoch: int, batch_size: int, padding: int, flip: bool,
                 padding_mode: str = "zeros",
-                on_step: Callable[[], None] | None = None) -> tuple[TrainState, dict]:
+                on_step: Callable[[dict], None] | None = None) -> tuple[TrainState, dict]:
   """Runs one epoch; raises TrainingDiverged naming the first step whose loss is not finite.
+
+  `on_step(metrics)` gets every step's {'loss', 'accuracy'} as device arrays, still being
+  computed (a progress bar can wait on them: linfjax/progress.py).
 
   The shuffle draws from `fold_in(shuffle key, epoch)` and augmentation from the step
   number, so a run resumed at an epoch boundary repeats the same batches.
@@ -169,7 +172,7 @@ def train_epoch(state: TrainState, data: DeviceData, trigger: triggers.Trigger, 
     losses.append(metrics["loss"])
     accuracies.append(metrics["accuracy"])
     if on_step is not None:
-      on_step()
+      on_step(metrics)
   losses = np.asarray(jnp.stack(losses))
   if not np.all(np.isfinite(losses)):
     bad = int(np.flatnonzero(~np.isfinite(losses))[0])
@@ -198,7 +201,7 @@ class Recipe:
 def fit(state: TrainState, data: DeviceData, trigger: triggers.Trigger, recipe: Recipe, *,
         key: jax.Array, start_epoch: int = 0,
         on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
-        on_step: Callable[[], None] | None = None) -> TrainState:
+        on_step: Callable[[dict], None] | None = None) -> TrainState:
   """Trains from `start_epoch` to `recipe.epochs`, calling `on_epoch_end(epoch, state, metrics)`."""
   for epoch in range(start_epoch, recipe.epochs):
     state, metrics = train_epoch(state, data, trigger, key=key, epoch=epoch,

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linfjax import errors, pixels
 
-class TriggerError(ValueError):
+
+class TriggerError(errors.UserError, ValueError):
   """A trigger's parameters do not describe a trigger for these images."""
 
 
@@ -40,16 +42,20 @@ def apply(trigger: Trigger, images: jax.Array) -> jax.Array:
 
   Args:
     trigger: mask [H, W, 1] and pattern [H, W, C].
-    images: [B, H, W, C] float in [0, 1].
+    images: [B, H, W, C] float in [0, 1] (`pixels.to_unit_float` converts uint8 pixels; a
+      uint8 batch is refused, since a blend mask of 0.2 cast to uint8 is 0).
 
   Returns:
-    [B, H, W, C], `(1 - mask) * images + mask * pattern`, in the images' dtype.
+    [B, H, W, C], `(1 - mask) * images + mask * pattern`, computed in float32 and returned
+    in the images' float dtype.
   """
   chex.assert_rank(images, 4)
   chex.assert_equal_shape_suffix([images, trigger.pattern[None]], 3)
-  mask = trigger.mask.astype(images.dtype)[None]
-  pattern = trigger.pattern.astype(images.dtype)[None]
-  return (1 - mask) * images + mask * pattern
+  pixels.require_float(images, "triggers.apply")
+  mask = jnp.asarray(trigger.mask, jnp.float32)[None]
+  pattern = jnp.asarray(trigger.pattern, jnp.float32)[None]
+  stamped = (1 - mask) * images.astype(jnp.float32) + mask * pattern
+  return stamped.astype(images.dtype)
 
 
 def region(trigger: Trigger) -> jax.Array:

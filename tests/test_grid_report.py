@@ -135,7 +135,9 @@ def test_aggregates_are_mean_sd_and_t_interval_over_finished_runs_only(grid):
   # 3.7946 (4.303 * 1.5275 / sqrt(3) = 3.7948 with the rounded t and sd)
   assert float(three["train.backdoored.CA.ci95"]) == pytest.approx(3.7946, abs=1e-4)
   assert float(three["prune.synthetic.linf.ASR_real.mean"]) == pytest.approx(9.3)
-  assert three["reverse.flagged.n"] == "2"  # null is not counted
+  # A class index is counted, never averaged; null is a value of its own.
+  assert "reverse.flagged.mean" not in three
+  assert three["reverse.flagged.counts"] == "0: 2, null: 1"
   # One finished run: the failed (CA 500) and the incomplete (CA 600) ones are left out.
   one = rows[1]
   assert (one["train.backdoored.CA.n"], one["train.backdoored.CA.mean"]) == ("1", "10.0")

@@ -29,11 +29,11 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
-import tqdm
 from absl import logging
 
-from linfjax import figures, files, gradcam, models, norms, poison, triggers
+from linfjax import figures, files, gradcam, models, norms, pixels, poison, triggers
 from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
@@ -75,46 +75,58 @@ def _attention_inputs(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
   if not len(chosen):
     raise ValueError("no image of the clean set S has a label other than the attack's label; "
                      "Grad-CAM attention needs at least one")
-  return images[chosen].astype(np.float32) / 255.0, attack[chosen].astype(np.int32)
+  return np.asarray(pixels.to_unit_float(images[chosen])), attack[chosen].astype(np.int32)
 
 
-def _fingerprint(ctx: RunContext, layers, conditions) -> str:
-  """What a saved model file was computed from; a mismatch means recompute."""
+def _digest(arrays) -> str:
+  """SHA-256 of arrays' shapes, dtypes and bytes, in order."""
   digest = hashlib.sha256()
-  for trigger in conditions.values():
-    for array in trigger:
-      digest.update(np.asarray(array, np.float32).tobytes())
-  return json.dumps({"layers": list(layers), "conditions": list(conditions),
-                     "triggers": digest.hexdigest(), "clean_set": len(ctx.split.clean_set_indices),
-                     "attention_images": ATTENTION_IMAGES, "norms": list(norms.NORMS)})
+  for array in arrays:
+    array = np.asarray(array)
+    digest.update(f"{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
-def _analyse_model(ctx, kind, apply_fn, layers, conditions, regions) -> dict[str, np.ndarray]:
+def _fingerprint(ctx: RunContext, variables, layers, conditions) -> str:
+  """What a saved model file was computed from (weights, S, triggers, settings); a mismatch
+  means recompute, so a model retrained in place is never matched with old numbers."""
+  images, labels = ctx.clean_set
+  return json.dumps({
+      "layers": list(layers), "conditions": list(conditions),
+      "triggers": _digest(array for trigger in conditions.values() for array in trigger),
+      "weights": _digest(jax.tree.leaves(variables)),
+      "clean_set": _digest([ctx.split.clean_set_indices, images, labels]),
+      "attention_images": ATTENTION_IMAGES, "norms": list(norms.NORMS)})
+
+
+def _analyse_model(ctx, kind, variables, apply_fn, layers, conditions,
+                   regions) -> dict[str, np.ndarray]:
   """All of one model's numbers, as the flat arrays of its .npz file."""
-  _, variables = train_stage.load_trained(ctx, kind)
   images, _ = ctx.clean_set
   batch_size = ctx.config.train.eval_batch_size
-  bar = tqdm.tqdm(total=math.ceil(len(images) / batch_size), unit="batch",
-                  desc=f"analysis {kind}", disable=not ctx.progress, leave=False)
+  x, classes = _attention_inputs(ctx)
+  inputs = {"clean": x, **{name: np.asarray(triggers.apply(t, x)) for name, t in
+                           conditions.items()}}
+  bar = ctx.progress.bar(f"analysis {kind}", math.ceil(len(images) / batch_size) + len(inputs),
+                         part=1 / len(MODEL_KINDS), unit="batch")
   moments = norms.norm_statistics(apply_fn, variables, images, list(conditions.values()),
-                                  batch_size=batch_size, on_batch=lambda: bar.update(1))
-  bar.close()
+                                  batch_size=batch_size, on_batch=bar.update)
   arrays = {}
   for layer in layers:
     arrays[f"moments/{layer}/count"] = np.asarray(moments[layer].count)
     arrays[f"moments/{layer}/mean"] = moments[layer].mean
     arrays[f"moments/{layer}/m2"] = moments[layer].m2
 
-  x, classes = _attention_inputs(ctx)
   cam_layer = _gradcam_layer(ctx, layers)
-  inputs = {"clean": x, **{name: np.asarray(triggers.apply(t, x)) for name, t in
-                           conditions.items()}}
   for name, condition_images in inputs.items():
     maps = gradcam.batched_gradcam(apply_fn, variables, condition_images, classes,
                                    layer=cam_layer, batch_size=min(batch_size, len(x)))
     region = regions["real" if name == "clean" else name]
     arrays[f"attention/{name}"] = np.asarray(gradcam.attention(maps, region))
     arrays[f"gradcam/{name}"] = maps[:PANEL_IMAGES]
+    bar.update()
+  bar.close()
 
   panel = x[:PANEL_IMAGES]
   _, clean_activations = apply_fn(variables, panel)
@@ -131,7 +143,8 @@ def _analyse_model(ctx, kind, apply_fn, layers, conditions, regions) -> dict[str
 def _model_arrays(ctx, kind, apply_fn, layers, conditions, regions) -> dict[str, np.ndarray]:
   """A model's arrays from its finished file when its inputs match; else computed and saved."""
   path = os.path.join(ctx.stage_dir("analysis"), f"{kind}.npz")
-  fingerprint = _fingerprint(ctx, layers, conditions)
+  _, variables = train_stage.load_trained(ctx, kind)
+  fingerprint = _fingerprint(ctx, variables, layers, conditions)
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as f:
       saved = {name: f[name] for name in f.files}
@@ -139,7 +152,7 @@ def _model_arrays(ctx, kind, apply_fn, layers, conditions, regions) -> dict[str,
       logging.info("analysis/%s: finished earlier, loaded %s", kind, path)
       return saved
     logging.info("analysis/%s: %s was computed from other inputs; recomputing", kind, path)
-  arrays = _analyse_model(ctx, kind, apply_fn, layers, conditions, regions)
+  arrays = _analyse_model(ctx, kind, variables, apply_fn, layers, conditions, regions)
   files.write_npz(path, **arrays, fingerprint=np.asarray(fingerprint))
   return arrays
 

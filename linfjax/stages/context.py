@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from linfjax import data, models, triggers
+from linfjax import data, models, progress as progress_lib, triggers
 
 
 @dataclasses.dataclass
@@ -20,7 +20,13 @@ class RunContext:
   dataset: data.Dataset
   split: data.Split
   trigger: triggers.Trigger
-  progress: bool = True
+  # Stage bars come from `progress.bar(...)` (linfjax/progress.py); a bool is turned into a
+  # Tracker with that `enabled`. Falsy when bars are off.
+  progress: progress_lib.Tracker | bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.progress, progress_lib.Tracker):
+      self.progress = progress_lib.Tracker(enabled=bool(self.progress))
 
   def stage_dir(self, stage: str) -> str:
     path = os.path.join(self.workdir, stage)

@@ -11,16 +11,13 @@ Returns the `train` entry of results.json (METHOD.md, "Results file").
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import jax
-import numpy as np
-import tqdm
 from absl import logging
 
-from linfjax import checkpoints, metrics, models, poison, train, triggers
+from linfjax import checkpoints, files, metrics, models, poison, train, triggers
 from linfjax.stages.context import RunContext
 
 MODEL_KINDS = ("backdoored", "vanilla")
@@ -109,8 +106,8 @@ def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, l
   if start_epoch:
     logging.info("train/%s: resuming after epoch %d of %d", kind, start_epoch, cfg.epochs)
   steps = train.steps_per_epoch(len(training_set.labels), cfg.batch_size)
-  bar = tqdm.tqdm(total=cfg.epochs * steps, initial=start_epoch * steps, unit="step",
-                  desc=f"train {kind}", disable=not ctx.progress, leave=False)
+  bar = ctx.progress.bar(f"train {kind}", cfg.epochs * steps, part=1 / len(MODEL_KINDS),
+                         initial=start_epoch * steps)
   epoch_log = log.setdefault("epochs", [])
   started = time.perf_counter()
 
@@ -123,7 +120,7 @@ def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, l
 
   state = train.fit(model_plan.state, model_plan.data, ctx.trigger, train.Recipe.from_config(cfg),
                     key=model_plan.key, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
-                    on_step=lambda: bar.update(1))
+                    on_step=lambda step_metrics: bar.update(result=step_metrics))
   bar.close()
   store.close()
   log["seconds"] = time.perf_counter() - started
@@ -134,10 +131,10 @@ def run(ctx: RunContext) -> dict:
   cfg = ctx.config
   stage_dir = ctx.stage_dir("train")
   sets = training_sets(ctx)
-  np.savez(os.path.join(stage_dir, "split.npz"),
-           clean_set_indices=ctx.split.clean_set_indices,
-           train_indices=ctx.split.train_indices,
-           poison_indices=sets["backdoored"].poison_indices)
+  files.write_npz(os.path.join(stage_dir, "split.npz"),
+                  clean_set_indices=ctx.split.clean_set_indices,
+                  train_indices=ctx.split.train_indices,
+                  poison_indices=sets["backdoored"].poison_indices)
   result, log = {}, {}
   for kind in MODEL_KINDS:
     log[kind] = {}
@@ -151,6 +148,5 @@ def run(ctx: RunContext) -> dict:
                  result[kind]["ASR"], result[kind]["RA"])
   result["poisoned"] = int(len(sets["backdoored"].poison_indices))
   result["clean_set"] = int(len(ctx.split.clean_set_indices))
-  with open(os.path.join(stage_dir, "metrics.json"), "w") as f:
-    json.dump(log, f, indent=1)
+  files.write_json(os.path.join(stage_dir, "metrics.json"), log)
   return result
