@@ -266,7 +266,7 @@ def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypa
 
   skipped = prune_stage.run(ctx)
   assert skipped["synthetic"] == {"skipped": prune_stage.NO_SYNTHETIC_TRIGGER}
-  assert set(skipped["real"]) == set(METHODS)
+  assert set(skipped["real"]) == set(SINGLE_LAYER)
 
   mask = np.zeros((32, 32, 1), np.float32)
   mask[-4:, -4:] = 1.0
@@ -278,19 +278,19 @@ def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypa
   assert result["real"] == skipped["real"]
   stage_dir = os.path.join(workdir, "prune")
   layers = models.layer_names(model)
-  for source in ("synthetic", "real"):
-    assert set(result[source]) == set(METHODS)
+  for source, methods in (("synthetic", METHODS), ("real", SINGLE_LAYER)):
+    assert set(result[source]) == set(methods)
     rows = _read_csv(os.path.join(stage_dir, f"sweep_{source}.csv"))
     # conv3_2 of the width-0.125 CNN has 16 neurons; the default grid gives 15 counts, and
-    # the multi-layer sweep has 16 levels.
-    assert len(rows) == 4 * 15 + 16
-    for method in METHODS:
+    # the multi-layer sweep (synthetic trigger only) has 16 levels.
+    assert len(rows) == 4 * 15 + (16 if source == "synthetic" else 0)
+    for method in methods:
       entry = result[source][method]
       assert set(entry) == ENTRY_KEYS
       assert entry["DER"] == pytest.approx(metrics.der(
           ca_before=before["CA"], ca_after=entry["CA"], asr_before=before["ASR"],
           asr_after=entry["ASR_real"]), abs=1e-3)
-    for method in SINGLE_LAYER + ("linf_layers",):
+    for method in SINGLE_LAYER + (("linf_layers",) if source == "synthetic" else ()):
       method_rows = [r for r in rows if r["method"] == method]
       chosen = [r for r in method_rows if r["r_star"] == "1"]
       assert len(chosen) == 1 and int(chosen[0]["r"]) == result[source][method]["r_star"]
@@ -302,11 +302,16 @@ def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypa
       if method != "fine_pruning":
         chosen = next(r for r in method_rows if r["r_star"] == "1")
         assert result[source][method]["CA"] == pytest.approx(float(chosen["CA"]), abs=1e-3)
-    assert result[source]["fine_tuning"]["r_star"] == 0
-    assert result[source]["linf_layers"]["r_star"] == result[source]["linf_layers_ft"]["r_star"]
-    for name in (f"curves_{source}.png", f"curves_{source}_layers.png"):
-      with open(os.path.join(stage_dir, name), "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(stage_dir, f"curves_{source}.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  synthetic = result["synthetic"]
+  assert synthetic["fine_tuning"]["r_star"] == 0
+  assert synthetic["linf_layers"]["r_star"] == synthetic["linf_layers_ft"]["r_star"]
+  for norm in ("linf", "l2", "l1"):
+    assert synthetic[norm + "_ft"]["r_star"] == synthetic[norm]["r_star"]
+  with open(os.path.join(stage_dir, "curves_synthetic_layers.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not os.path.exists(os.path.join(stage_dir, "curves_real_layers.png"))
   with open(os.path.join(stage_dir, "sweep_synthetic.json")) as f:
     record = json.load(f)
   assert record["target"] == 3

@@ -9,8 +9,8 @@ every (method, level) mask (`linfjax.prune`): on the test split CA and ASR under
 trigger, on S the CA and the ASR under `T^` (the defender's view). Only S numbers choose a
 level; the test split is for reporting. The methods (results keys):
   - `linf`, `l2`, `l1`: the paper's defense, layer L ranked by the shift under that norm,
-    r* by METHOD.md's rule; with `prune.fine_tune`, also `<norm>_ft`: the same pruned model
-    fine-tuned on S with its mask fixed;
+    r* by METHOD.md's rule; with `prune.fine_tune`, also `<norm>_ft` (synthetic source
+    only, as the two rows below): the same pruned model fine-tuned on S, mask fixed;
   - `<norm>_layers` (ours, beyond the paper; `prune.multi_layer`): the same norm over several
     layers at once, ranked per layer or jointly by relative shift, r* by the same rule on S
     (the sweep runs on S only; the test split at r*), and `<norm>_layers_ft`;
@@ -18,6 +18,7 @@ level; the test split is for reporting. The methods (results keys):
     S exceeds `delta` (`prune.fine_pruning_level="ca_drop"`, no trigger needed), then
     fine-tuned; "defender_asr" picks its level by the lp rule instead;
   - `fine_tuning`: a control, the unpruned model fine-tuned on S alike.
+The real trigger, an analysis-only reference, gets the paper's rows and Fine-Pruning.
 
 Writes under `WORKDIR/prune/`:
   sweep_<source>.json  rankings, the sweeps' per-level numbers and the fine-tuned models'
@@ -47,7 +48,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from absl import logging
 
 from linfjax import config as config_lib
@@ -65,6 +65,10 @@ KEY_SALT = 3
 SWEEP_KEYS = ("CA", "ASR_real", "RA_real", "CA_S", "ASR_defender")
 CLEAN_SET_KEYS = ("CA_S", "ASR_defender")
 FINE_TUNING = "fine_tuning"
+# The source the extensions beyond the paper run for (fine-tuned rows, several layers, the
+# fine-tuning control): the realistic one. The real trigger gets the paper's rows and
+# Fine-Pruning, its analysis-only reference.
+EXTENDED_SOURCE = "synthetic"
 TUNED_SUFFIX = "_ft"
 LAYERS_SUFFIX = "_layers"
 
@@ -123,8 +127,8 @@ class _Evaluator:
     s_images, s_labels = ctx.clean_set
     splits = [(s_images, s_labels)] + ([(ctx.dataset.test_images, ctx.dataset.test_labels)]
                                        if test else [])
-    bar = tqdm.tqdm(total=sum(math.ceil(len(labels) / batch_size) for _, labels in splits),
-                    unit="batch", desc=desc, disable=not ctx.progress, leave=False)
+    bar = ctx.progress.bar(desc, sum(math.ceil(len(labels) / batch_size) for _, labels in splits),
+                           part=0.0, unit="batch")
     common = dict(start=min(mask_stacks, key=self.order.index),
                   num_classes=ctx.dataset.num_classes, batch_size=batch_size,
                   mask_batch=mask_batch or cfg.prune.mask_batch, on_batch=lambda: bar.update(1))
@@ -178,7 +182,7 @@ def _sweep(ctx, source, model, variables, layer, multi_layers, defender, evaluat
     rows = slice(m * len(counts), (m + 1) * len(counts))
     record["methods"][method] = {"order": order.tolist(),
                                  **{key: results[key][rows].tolist() for key in SWEEP_KEYS}}
-  if multi_layers:
+  if multi_layers and source == EXTENDED_SOURCE:
     fractions = (0.0,) + tuple(cfg.multi_layer_levels)
     for norm in cfg.multi_layer_norms:
       scores = _multi_layer_scores(ctx, {name: statistics[name] for name in multi_layers}, norm)
@@ -278,6 +282,7 @@ def _defend(ctx, source, model, variables, layer, multi_layers, defender, tuned)
                  before["asr_before"], entry[name]["ASR_real"], entry[name]["ASR_defender"],
                  entry[name]["DER"])
 
+  extensions = source == EXTENDED_SOURCE
   for method, values in record["methods"].items():
     chosen[method] = _choose(cfg, method, values)
     r_star = counts[chosen[method]]
@@ -287,7 +292,7 @@ def _defend(ctx, source, model, variables, layer, multi_layers, defender, tuned)
                                                 fine_tune=True))
       continue
     add(method, r_star, {key: values[key][chosen[method]] for key in SWEEP_KEYS})
-    if cfg.fine_tune:
+    if cfg.fine_tune and extensions:
       add(method + TUNED_SUFFIX, r_star, pruned_models.numbers(
           record, path, method + TUNED_SUFFIX, mask_dict, evaluate, fine_tune=True))
   for name, values in record["multi_layer"].items():
@@ -302,7 +307,7 @@ def _defend(ctx, source, model, variables, layer, multi_layers, defender, tuned)
     if cfg.fine_tune:
       add(name + TUNED_SUFFIX, r_star, pruned_models.numbers(
           record, path, name + TUNED_SUFFIX, mask_dict, evaluate, fine_tune=True))
-  if cfg.fine_tuning_control:
+  if cfg.fine_tuning_control and extensions:
     unpruned = {layer: np.ones(record["num_neurons"], np.float32)}
     add(FINE_TUNING, 0, pruned_models.numbers(record, path, FINE_TUNING, unpruned, evaluate,
                                               fine_tune=True))

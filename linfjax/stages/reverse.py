@@ -35,7 +35,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -118,8 +117,8 @@ def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
     state = store.restore(like)
     logging.info("reverse/%s: resuming after step %d of %d", kind, start_step, settings.steps)
   every = ctx.config.reverse.checkpoint_every
-  bar = tqdm.tqdm(total=settings.steps, initial=start_step, unit="step",
-                  desc=f"reverse {kind}", disable=not ctx.progress, leave=False)
+  bar = ctx.progress.bar(f"reverse {kind}", settings.steps, part=1 / len(MODEL_KINDS),
+                         initial=start_step)
   steps_run = []
 
   def on_step(step, state, means):
@@ -128,7 +127,7 @@ def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
     if step % every == 0 or step == settings.steps or stopped.all():
       store.save(step, state)
     steps_run.append(step)
-    bar.update(1)
+    bar.update(1)  # The step's means were read above: its work is finished.
     bar.set_postfix(success=f"{success.min():.2f}", stopped=int(stopped.sum()))
     if step % max(1, settings.steps // 10) and step != settings.steps and not stopped.all():
       return
