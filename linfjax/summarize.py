@@ -7,7 +7,9 @@ prints one Markdown row per number in the runs' results.json files: its path
 the maximum and how many of the runs have it ("3 of 5": the other runs lack the number
 or hold null there, so the row averages those 3 only). Seeds and class indices
 (`seed`, `flagged`, `suspect`, `target`) are not averaged: a second table counts their
-values, null included.
+values, null included. A third table pairs the runs: for each trigger source, the per-run
+differences linf - l2 and linf - l1 of the paper's defense (ASR after, CA after, DER), their
+mean, and in how many runs linf did better (lower ASR, higher CA or DER).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from typing import Iterable
 
 # Leaves named so are labels (a seed, a class index), not quantities: counted, never averaged.
 CATEGORICAL = ("seed", "flagged", "suspect", "target")
+# The paper's comparison: linf against each other norm, run by run.
+PAIRED_METHODS = (("linf", "l2"), ("linf", "l1"))
+# Per number, +1 when larger is better for the defense, -1 when smaller is.
+PAIRED_KEYS = {"ASR_real": -1, "CA": 1, "DER": 1}
 
 
 def flatten(tree, prefix: str = "") -> dict[str, float | None]:
@@ -77,6 +83,44 @@ def categorical_counts(results: Iterable[dict]) -> dict[str, dict[str, int]]:
   return counts
 
 
+def paired_differences(results: Iterable[dict]) -> list[dict]:
+  """Per source, method pair and number: the per-run differences `first - second` over the
+  runs that have both, their mean, and how many runs favour the first method.
+
+  Returns:
+    Rows {'source', 'first', 'second', 'key', 'differences', 'mean', 'first_better', 'n'}.
+  """
+  results = list(results)
+  sources = list(dict.fromkeys(source for result in results
+                               for source in result.get("prune", {})))
+  rows = []
+  for source in sources:
+    for first, second in PAIRED_METHODS:
+      for key, sign in PAIRED_KEYS.items():
+        differences = []
+        for result in results:
+          methods = result.get("prune", {}).get(source, {})
+          a, b = methods.get(first, {}), methods.get(second, {})
+          if isinstance(a, dict) and isinstance(b, dict) and key in a and key in b:
+            differences.append(a[key] - b[key])
+        if differences:
+          rows.append({"source": source, "first": first, "second": second, "key": key,
+                       "differences": differences, "n": len(differences),
+                       "mean": sum(differences) / len(differences),
+                       "first_better": sum(sign * d > 0 for d in differences)})
+  return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+  lines = ["| source | difference | per run | mean | first better in |",
+           "| --- | --- | --- | --- | --- |"]
+  for row in rows:
+    per_run = ", ".join(f"{d:+.1f}" for d in row["differences"])
+    lines.append(f"| {row['source']} | {row['key']}: {row['first']} - {row['second']} | "
+                 f"{per_run} | {row['mean']:+.2f} | {row['first_better']} of {row['n']} |")
+  return "\n".join(lines)
+
+
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
   lines = ["| result | mean | std | min | max | runs |", "| --- | --- | --- | --- | --- | --- |"]
   for path, s in summary.items():
@@ -115,6 +159,10 @@ def main(argv: list[str]) -> int:
   if partial:
     print(f"\n{len(partial)} rows average only the runs that have the number (for example "
           "prune.synthetic.* where a run skipped it): see the 'runs' column.")
+  paired = paired_differences(results)
+  if paired:
+    print("\nPaired per-run differences of the paper's defense (ASR: lower is better; CA and "
+          "DER: higher):\n" + paired_table(paired))
   counts = categorical_counts(results)
   if counts:
     print("\nLabels (seeds and class indices), counted rather than averaged:\n"

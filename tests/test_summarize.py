@@ -48,3 +48,23 @@ def test_main_prints_both_tables_and_says_when_a_row_averages_fewer_runs(tmp_pat
   assert "| seed |" not in out.split("Labels")[0]
   assert summarize.main(["summarize", str(tmp_path)]) == 2
   assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_paired_differences_of_the_paper_defense():
+  def run(linf, l2, l1):
+    entry = lambda asr, der: {"ASR_real": asr, "CA": 60.0, "DER": der}
+    return {"prune": {"synthetic": {"linf": entry(*linf), "l2": entry(*l2), "l1": entry(*l1)},
+                      "real": {"skipped": "no reverse stage"}}}
+  results = [run((10.0, 90.0), (20.0, 85.0), (5.0, 95.0)),
+             run((30.0, 80.0), (25.0, 82.0), (40.0, 70.0)),
+             run((2.0, 97.0), (12.0, 92.0), (4.0, 96.0))]
+  rows = {(r["source"], r["second"], r["key"]): r for r in summarize.paired_differences(results)}
+  asr_l2 = rows[("synthetic", "l2", "ASR_real")]
+  assert asr_l2["differences"] == [-10.0, 5.0, -10.0]
+  assert asr_l2["mean"] == -5.0 and asr_l2["first_better"] == 2 and asr_l2["n"] == 3
+  der_l1 = rows[("synthetic", "l1", "DER")]
+  assert der_l1["differences"] == [-5.0, 10.0, 1.0] and der_l1["first_better"] == 2
+  assert rows[("synthetic", "l1", "CA")]["first_better"] == 0  # Equal CA favours neither.
+  assert not any(source == "real" for source, _, _ in rows)
+  table = summarize.paired_table(summarize.paired_differences(results))
+  assert "| synthetic | ASR_real: linf - l2 | -10.0, +5.0, -10.0 | -5.00 | 2 of 3 |" in table
