@@ -18,11 +18,11 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from linfjax import models
+from linfjax import models, triggers
 
-MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11")
-DATA_SOURCES = ("cifar10_dir", "tfds")
-TRIGGER_KINDS = ("patch", "blend")
+MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11", "vgg16", "alexnet")
+DATA_SOURCES = ("cifar10_dir", "tfds", "image_folder")
+TRIGGER_KINDS = ("patch", "blend", "sig", "wanet")
 PATCH_PATTERNS = ("solid", "checkerboard", "file")
 BLEND_PATTERNS = ("noise", "file")
 PATCH_POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "offset")
@@ -34,14 +34,24 @@ PRUNE_NORMS = ("linf", "l2", "l1")
 PRUNE_SCORES = ("shift", "triggered")
 PRUNE_LEVEL_UNITS = ("fraction", "count")
 
-# Named trigger settings: what configs/cifar_patch.py and configs/cifar_blend.py use, and
-# what a grid axis `trigger=patch,blend` sets (linfjax/grid.py).
+# Named trigger settings: what configs/cifar_{patch,blend,sig,wanet}.py use, and what a
+# grid axis `trigger=patch,blend,sig,wanet` sets (linfjax/grid.py). Each sets how the
+# attack poisons (clean_label, cross_ratio) too, so a grid's runs differ only in the attack.
 TRIGGER_PRESETS = {
     # BadNets: a 3x3 white patch at the bottom-right corner.
     "patch": dict(kind="patch", size=3, position="bottom_right", pattern="solid",
-                  color=(1.0, 1.0, 1.0)),
+                  color=(1.0, 1.0, 1.0), clean_label=False, cross_ratio=0.0),
     # Blend: seeded uniform noise mixed in with alpha 0.2 (BackdoorBench's blended default).
-    "blend": dict(kind="blend", pattern="noise", alpha=0.2, noise_seed=0),
+    "blend": dict(kind="blend", pattern="noise", alpha=0.2, noise_seed=0, clean_label=False,
+                  cross_ratio=0.0),
+    # SIG: a horizontal sinusoid, delta 40/255, f 6 (BackdoorBench's defaults), clean-label
+    # as published: only target-class images are poisoned, labels unchanged.
+    "sig": dict(kind="sig", amplitude=triggers.SIG_AMPLITUDE, frequency=triggers.SIG_FREQUENCY,
+                clean_label=True, cross_ratio=0.0),
+    # WaNet: k 4, s 0.5, grid_rescale 1, noise mode with cross_ratio 2 (its published defaults).
+    "wanet": dict(kind="wanet", grid_size=triggers.WANET_GRID_SIZE,
+                  strength=triggers.WANET_STRENGTH, grid_rescale=triggers.WANET_GRID_RESCALE,
+                  warp_seed=0, clean_label=False, cross_ratio=triggers.WANET_CROSS_RATIO),
 }
 
 # Where the shared CIFAR-10 subset sits relative to a checkout of the repo.
@@ -77,6 +87,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.trigger.pattern_file = ""  # .npy (or image) pattern when pattern="file".
   config.trigger.alpha = 0.2  # Blend weight (BackdoorBench's blended default).
   config.trigger.noise_seed = 0  # Seed of the blend noise pattern.
+  config.trigger.amplitude = triggers.SIG_AMPLITUDE  # SIG's delta, in [0, 1] pixel units.
+  config.trigger.frequency = triggers.SIG_FREQUENCY  # SIG's f, periods across the width.
+  config.trigger.grid_size = triggers.WANET_GRID_SIZE  # WaNet's control grid side k.
+  config.trigger.strength = triggers.WANET_STRENGTH  # WaNet's warp strength s.
+  config.trigger.grid_rescale = triggers.WANET_GRID_RESCALE  # WaNet's grid_rescale.
+  config.trigger.warp_seed = 0  # Seed of WaNet's control grid.
+  # Clean-label poisoning: poison only target-class images and keep their labels (SIG as
+  # published); False relabels non-target images to the attack's label (METHOD.md).
+  config.trigger.clean_label = False
+  # WaNet's noise mode: round(cross_ratio * P) more examples (P poisoned ones) are warped
+  # with fresh noise in every step and keep their true labels; 0 turns it off.
+  config.trigger.cross_ratio = 0.0
 
   config.poison = ml_collections.ConfigDict()
   config.poison.rate = 0.1
@@ -240,23 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_int(config, "data.train_limit", 0)
   _check_int(config, "data.test_limit", 0)
 
-  _check_choice(config, "trigger.kind", TRIGGER_KINDS)
-  if config.trigger.kind == "patch":
-    _check_int(config, "trigger.size", 1)
-    _check_choice(config, "trigger.position", PATCH_POSITIONS)
-    _check_choice(config, "trigger.pattern", PATCH_PATTERNS)
-    offset = tuple(config.trigger.offset)
-    if len(offset) != 2 or not all(isinstance(v, int) and v >= 0 for v in offset):
-      _fail("trigger.offset", f"must be two integers >= 0 (row, col), got {offset!r}")
-  else:
-    _check_choice(config, "trigger.pattern", BLEND_PATTERNS)
-    _check_range(config, "trigger.alpha", 0.0, 1.0, low_open=True)
-    _check_int(config, "trigger.noise_seed", 0)
-  color = tuple(config.trigger.color)
-  if not color or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in color):
-    _fail("trigger.color", f"must be values in [0, 1], one per channel, got {color!r}")
-  if config.trigger.pattern == "file" and not config.trigger.pattern_file:
-    _fail("trigger.pattern_file", "is empty; pattern='file' needs a .npy or image file")
+  _validate_trigger(config)
 
   _check_range(config, "poison.rate", 0.0, 1.0, low_open=True, high_open=True)
   _check_int(config, "poison.target", 0)
@@ -299,6 +305,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("sweep.axes", f"must be a string such as 'seed=0,1,2 poison.rate=0.05,0.1', "
           f"got {config.sweep.axes!r}")
   _check_int(config, "sweep.models_per_device", 1)
+
+
+def _validate_trigger(config: ml_collections.ConfigDict) -> None:
+  _check_choice(config, "trigger.kind", TRIGGER_KINDS)
+  kind = config.trigger.kind
+  if kind == "patch":
+    _check_int(config, "trigger.size", 1)
+    _check_choice(config, "trigger.position", PATCH_POSITIONS)
+    _check_choice(config, "trigger.pattern", PATCH_PATTERNS)
+    offset = tuple(config.trigger.offset)
+    if len(offset) != 2 or not all(isinstance(v, int) and v >= 0 for v in offset):
+      _fail("trigger.offset", f"must be two integers >= 0 (row, col), got {offset!r}")
+  elif kind == "blend":
+    _check_choice(config, "trigger.pattern", BLEND_PATTERNS)
+    _check_range(config, "trigger.alpha", 0.0, 1.0, low_open=True)
+    _check_int(config, "trigger.noise_seed", 0)
+  elif kind == "sig":
+    _check_range(config, "trigger.amplitude", 0.0, 1.0, low_open=True)
+    _check_range(config, "trigger.frequency", 0.0, 1e4, low_open=True)
+  else:
+    _check_int(config, "trigger.grid_size", 2)
+    _check_range(config, "trigger.strength", 0.0, 100.0, low_open=True)
+    _check_range(config, "trigger.grid_rescale", 0.0, 10.0, low_open=True)
+    _check_int(config, "trigger.warp_seed", 0)
+  color = tuple(config.trigger.color)
+  if not color or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in color):
+    _fail("trigger.color", f"must be values in [0, 1], one per channel, got {color!r}")
+  if kind in ("patch", "blend") and config.trigger.pattern == "file" \
+      and not config.trigger.pattern_file:
+    _fail("trigger.pattern_file", "is empty; pattern='file' needs a .npy or image file")
+  if not isinstance(config.trigger.clean_label, bool):
+    _fail("trigger.clean_label", f"must be True or False, got {config.trigger.clean_label!r}")
+  if config.trigger.clean_label and config.poison.mode != "all_to_one":
+    _fail("trigger.clean_label", f"clean-label poisoning keeps the labels, so it needs "
+          f"poison.mode='all_to_one' (got {config.poison.mode!r}); set "
+          "trigger.clean_label=False for all-to-all")
+  _check_range(config, "trigger.cross_ratio", 0.0, 100.0)
+  if config.trigger.cross_ratio and kind != "wanet":
+    _fail("trigger.cross_ratio", f"{config.trigger.cross_ratio!r}: only the wanet trigger has a "
+          f"noise mode; set it to 0 for kind {kind!r}")
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:
@@ -352,6 +398,9 @@ def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Seq
     if row + size > height or col + size > width:
       _fail("trigger", f"a {size}x{size} patch at {config.trigger.position} "
             f"(offset {(row, col)}) does not fit a {height}x{width} image")
+  if config.trigger.kind == "wanet" and config.trigger.grid_size > min(height, width):
+    _fail("trigger.grid_size", f"{config.trigger.grid_size} is larger than the "
+          f"{height}x{width} image")
   if config.data.clean_set_size >= num_train:
     _fail("data.clean_set_size", f"{config.data.clean_set_size} leaves no training images "
           f"out of {num_train}")
