@@ -72,7 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = "tfds"
   config.data.name = "cifar10"  # TFDS dataset name (source="tfds").
   config.data.data_dir = ""  # TFDS data_dir; "" means TFDS's default.
-  config.data.path = ""  # Directory of a cifar-10-batches-py layout (source="cifar10_dir").
+  # Directory of a cifar-10-batches-py layout (source="cifar10_dir"), or of an image
+  # folder dataset, <path>/<split>/<class>/<images> (source="image_folder", e.g. GTSRB).
+  config.data.path = ""
+  config.data.train_split = "train"  # TFDS split, or image folder split folder.
+  config.data.test_split = "test"
+  # (height, width) every image is resized to (sources tfds and image_folder); () keeps
+  # the stored size, which must then be the same for every image.
+  config.data.image_size = ()
   config.data.clean_set_size = 500  # The defender's held-out clean set S (METHOD.md).
   config.data.train_limit = 0  # Use only the first N training images; 0 means all.
   config.data.test_limit = 0  # Likewise for the test split.
@@ -258,6 +265,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "cifar-10-batches-py layout")
   if config.data.source == "tfds" and not config.data.name:
     _fail("data.name", "is empty; source='tfds' needs a TFDS dataset name such as 'cifar10'")
+  if config.data.source == "image_folder" and not config.data.path:
+    _fail("data.path", "is empty; source='image_folder' needs a folder holding the train and "
+          "test split folders, each with one folder of images per class (as GTSRB ships)")
+  for field in ("train_split", "test_split"):
+    if not isinstance(config.data[field], str) or not config.data[field]:
+      _fail(f"data.{field}", f"must be a non-empty split name, got {config.data[field]!r}")
+  image_size = tuple(config.data.image_size)
+  if image_size and (len(image_size) != 2 or not all(
+      isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in image_size)):
+    _fail("data.image_size", f"must be () or (height, width) in pixels, 1..4096, got "
+          f"{image_size!r}")
+  if image_size and config.data.source == "cifar10_dir":
+    _fail("data.image_size", "applies to the tfds and image_folder sources; cifar10_dir "
+          "images are 32x32")
   _check_int(config, "data.clean_set_size", 1)
   _check_int(config, "data.train_limit", 0)
   _check_int(config, "data.test_limit", 0)

@@ -146,3 +146,24 @@ def test_trigger_presets_set_every_attack_field_on_a_grid_axis():
   assert {kind: (t.kind, t.clean_label, t.cross_ratio) for kind, t in runs.items()} == {
       "patch": ("patch", False, 0.0), "blend": ("blend", False, 0.0),
       "sig": ("sig", True, 0.0), "wanet": ("wanet", False, 2.0)}
+
+
+def test_data_source_fields():
+  config = _quick()
+  config.data.source = "image_folder"
+  config.data.path = ""
+  with pytest.raises(config_lib.ConfigError, match="config.data.path: is empty; source='image_folder'"):
+    config_lib.validate(config)
+  config.data.path = "/data/gtsrb"
+  config.data.image_size = (32, 0)
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.image_size: must be \(\) or"):
+    config_lib.validate(config)
+  config.data.image_size = (32, 32)
+  config_lib.validate(config)
+  config.data.source = "cifar10_dir"
+  with pytest.raises(config_lib.ConfigError, match="cifar10_dir images are 32x32"):
+    config_lib.validate(config)
+  config = _quick()
+  config.data.test_split = ""
+  with pytest.raises(config_lib.ConfigError, match="config.data.test_split: must be a non-empty"):
+    config_lib.validate(config)
