@@ -167,3 +167,16 @@ def test_data_source_fields():
   config.data.test_split = ""
   with pytest.raises(config_lib.ConfigError, match="config.data.test_split: must be a non-empty"):
     config_lib.validate(config)
+
+
+def test_gtsrb_alexnet_config_needs_only_the_data_path():
+  config = _load_config_file("configs/gtsrb_alexnet.py")
+  assert (config.model.name, config.data.source, tuple(config.data.image_size)) == (
+      "alexnet", "image_folder", (32, 32))
+  assert (config.train.epochs, config.train.flip, config.trigger.kind) == (50, False, "patch")
+  with pytest.raises(config_lib.ConfigError, match="config.data.path: is empty"):
+    config_lib.validate(config)
+  config.data.path = "/data/gtsrb"
+  config_lib.validate(config)
+  with pytest.raises(config_lib.ConfigError, match="unknown config variant 'quick'"):
+    _load_config_file("configs/gtsrb_alexnet.py", "quick")
