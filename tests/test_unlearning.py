@@ -1,6 +1,7 @@
 """Neural Cleanse unlearning on a planted-trigger toy: the backdoor goes, clean accuracy stays."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from linfjax import metrics, models, poison, train, triggers
@@ -43,3 +44,9 @@ def test_unlearning_removes_a_planted_backdoor_and_keeps_accuracy():
   after = evaluate(unlearning.unlearn(model, train.variables(state), s_images, s_labels,
                                       trigger, recipe, key=jax.random.key(4)))
   assert after["ASR"] <= 10.0 and after["CA"] >= before["CA"] - 3.0, (before, after)
+  # The same fine-tuning without the stamped share leaves the backdoor in place.
+  plain = train.create_state(model, jax.tree.map(jnp.array, train.variables(state)),
+                             train.make_optimizer(recipe, recipe.epochs * 4))
+  plain = train.fit(plain, train.to_device(poison.clean(s_images, s_labels)), trigger,
+                    train.Recipe(recipe.epochs, 32, 0, False), key=jax.random.key(5))
+  assert evaluate(train.variables(plain))["ASR"] >= 80.0
