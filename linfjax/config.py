@@ -408,7 +408,7 @@ def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Seq
     _fail("poison.target", f"{config.poison.target} is not a class of this dataset "
           f"(classes 0..{num_classes - 1})")
   color = tuple(config.trigger.color)
-  if len(color) not in (1, channels):
+  if config.trigger.kind == "patch" and len(color) not in (1, channels):
     _fail("trigger.color", f"has {len(color)} values; the images have {channels} channels")
   if config.trigger.kind == "patch":
     size = config.trigger.size

@@ -180,3 +180,13 @@ def test_gtsrb_alexnet_config_needs_only_the_data_path():
   config_lib.validate(config)
   with pytest.raises(config_lib.ConfigError, match="unknown config variant 'quick'"):
     _load_config_file("configs/gtsrb_alexnet.py", "quick")
+
+
+def test_only_the_patch_uses_the_colour_on_grey_images():
+  config = _quick()
+  with pytest.raises(config_lib.ConfigError, match="trigger.color: has 3 values; the images have 1"):
+    config_lib.validate_against_data(config, image_shape=(28, 28, 1), num_classes=10,
+                                     num_train=5000)
+  config.trigger.update(config_lib.TRIGGER_PRESETS["wanet"])
+  config_lib.validate_against_data(config, image_shape=(28, 28, 1), num_classes=10,
+                                   num_train=5000)
