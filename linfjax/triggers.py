@@ -84,22 +84,25 @@ def apply(trigger: AnyTrigger, images: jax.Array) -> jax.Array:
     images: [B, H, W, C] float in [0, 1].
 
   Returns:
-    [B, H, W, C] in the images' dtype: `(1 - mask) * x + mask * pattern` (Trigger),
-    `clip(x + signal, 0, 1)` (Signal), or `x` resampled at the warp's grid (Warp).
+    [B, H, W, C]: `(1 - mask) * x + mask * pattern` (Trigger), `clip(x + signal, 0, 1)`
+    (Signal), or `x` resampled at the warp's grid (Warp), computed in float32 and
+    returned in the images' dtype.
   """
   chex.assert_rank(images, 4)
+  x = images.astype(jnp.float32)
   if isinstance(trigger, Trigger):
     chex.assert_equal_shape_suffix([images, trigger.pattern[None]], 3)
-    mask = trigger.mask.astype(images.dtype)[None]
-    pattern = trigger.pattern.astype(images.dtype)[None]
-    return (1 - mask) * images + mask * pattern
-  if isinstance(trigger, Signal):
+    mask = jnp.asarray(trigger.mask, jnp.float32)[None]
+    stamped = (1 - mask) * x + mask * jnp.asarray(trigger.pattern, jnp.float32)[None]
+  elif isinstance(trigger, Signal):
     chex.assert_equal_shape_suffix([images, trigger.signal[None]], 3)
-    return jnp.clip(images + trigger.signal.astype(images.dtype)[None], 0, 1)
-  if isinstance(trigger, Warp):
+    stamped = jnp.clip(x + jnp.asarray(trigger.signal, jnp.float32)[None], 0, 1)
+  elif isinstance(trigger, Warp):
     chex.assert_shape(trigger.grid, (*images.shape[1:3], 2))
-    return warp.grid_sample(images, trigger.grid).astype(images.dtype)
-  raise TypeError(f"not a trigger: {type(trigger).__name__}")
+    stamped = warp.grid_sample(x, trigger.grid)
+  else:
+    raise TypeError(f"not a trigger: {type(trigger).__name__}")
+  return stamped.astype(images.dtype)
 
 
 def apply_noise_mode(trigger: AnyTrigger, images: jax.Array, key: jax.Array) -> jax.Array:
