@@ -18,12 +18,12 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from linfjax import errors, models, outliers, train
+from linfjax import errors, models, outliers, train, triggers
 from linfjax import prune as prune_lib
 
-MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11")
-DATA_SOURCES = ("cifar10_dir", "tfds")
-TRIGGER_KINDS = ("patch", "blend")
+MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11", "vgg16", "alexnet")
+DATA_SOURCES = ("cifar10_dir", "tfds", "image_folder")
+TRIGGER_KINDS = ("patch", "blend", "sig", "wanet")
 PATCH_PATTERNS = ("solid", "checkerboard", "file")
 BLEND_PATTERNS = ("noise", "file")
 PATCH_POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "offset")
@@ -40,14 +40,24 @@ PRUNE_LEVEL_UNITS = ("fraction", "count")
 FINE_PRUNING_LEVELS = ("ca_drop", "defender_asr")
 MULTI_LAYER_RANKINGS = prune_lib.MULTI_LAYER_RANKINGS
 
-# Named trigger settings: what configs/cifar_patch.py and configs/cifar_blend.py use, and
-# what a grid axis `trigger=patch,blend` sets (linfjax/grid.py).
+# Named trigger settings: what configs/cifar_{patch,blend,sig,wanet}.py use, and what a
+# grid axis `trigger=patch,blend,sig,wanet` sets (linfjax/grid.py). Each sets how the
+# attack poisons (clean_label, cross_ratio) too, so a grid's runs differ only in the attack.
 TRIGGER_PRESETS = {
     # BadNets: a 3x3 white patch at the bottom-right corner.
     "patch": dict(kind="patch", size=3, position="bottom_right", pattern="solid",
-                  color=(1.0, 1.0, 1.0)),
+                  color=(1.0, 1.0, 1.0), clean_label=False, cross_ratio=0.0),
     # Blend: seeded uniform noise mixed in with alpha 0.2 (BackdoorBench's blended default).
-    "blend": dict(kind="blend", pattern="noise", alpha=0.2, noise_seed=0),
+    "blend": dict(kind="blend", pattern="noise", alpha=0.2, noise_seed=0, clean_label=False,
+                  cross_ratio=0.0),
+    # SIG: a horizontal sinusoid, delta 40/255, f 6 (BackdoorBench's defaults), clean-label
+    # as published: only target-class images are poisoned, labels unchanged.
+    "sig": dict(kind="sig", amplitude=triggers.SIG_AMPLITUDE, frequency=triggers.SIG_FREQUENCY,
+                clean_label=True, cross_ratio=0.0),
+    # WaNet: k 4, s 0.5, grid_rescale 1, noise mode with cross_ratio 2 (its published defaults).
+    "wanet": dict(kind="wanet", grid_size=triggers.WANET_GRID_SIZE,
+                  strength=triggers.WANET_STRENGTH, grid_rescale=triggers.WANET_GRID_RESCALE,
+                  warp_seed=0, clean_label=False, cross_ratio=triggers.WANET_CROSS_RATIO),
 }
 
 # Where the shared CIFAR-10 subset sits relative to a checkout of the repo.
@@ -68,7 +78,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = "tfds"
   config.data.name = "cifar10"  # TFDS dataset name (source="tfds").
   config.data.data_dir = ""  # TFDS data_dir; "" means TFDS's default.
-  config.data.path = ""  # Directory of a cifar-10-batches-py layout (source="cifar10_dir").
+  # Directory of a cifar-10-batches-py layout (source="cifar10_dir"), or of an image
+  # folder dataset, <path>/<split>/<class>/<images> (source="image_folder", e.g. GTSRB).
+  config.data.path = ""
+  config.data.train_split = "train"  # TFDS split, or image folder split folder.
+  config.data.test_split = "test"
+  # (height, width) every image is resized to (sources tfds and image_folder); () keeps
+  # the stored size, which must then be the same for every image.
+  config.data.image_size = ()
   config.data.clean_set_size = 500  # The defender's held-out clean set S (METHOD.md).
   config.data.train_limit = 0  # Use only the first N training images; 0 means all.
   config.data.test_limit = 0  # Likewise for the test split.
@@ -83,6 +100,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.trigger.pattern_file = ""  # .npy (or image) pattern when pattern="file".
   config.trigger.alpha = 0.2  # Blend weight (BackdoorBench's blended default).
   config.trigger.noise_seed = 0  # Seed of the blend noise pattern.
+  config.trigger.amplitude = triggers.SIG_AMPLITUDE  # SIG's delta, in [0, 1] pixel units.
+  config.trigger.frequency = triggers.SIG_FREQUENCY  # SIG's f, periods across the width.
+  config.trigger.grid_size = triggers.WANET_GRID_SIZE  # WaNet's control grid side k.
+  config.trigger.strength = triggers.WANET_STRENGTH  # WaNet's warp strength s.
+  config.trigger.grid_rescale = triggers.WANET_GRID_RESCALE  # WaNet's grid_rescale.
+  config.trigger.warp_seed = 0  # Seed of WaNet's control grid.
+  # Clean-label poisoning: poison only target-class images and keep their labels (SIG as
+  # published); False relabels non-target images to the attack's label (METHOD.md).
+  config.trigger.clean_label = False
+  # WaNet's noise mode: round(cross_ratio * P) more examples (P poisoned ones) are warped
+  # with fresh noise in every step and keep their true labels; 0 turns it off.
+  config.trigger.cross_ratio = 0.0
 
   config.poison = ml_collections.ConfigDict()
   config.poison.rate = 0.1
@@ -302,27 +331,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "cifar-10-batches-py layout")
   if config.data.source == "tfds" and not config.data.name:
     _fail("data.name", "is empty; source='tfds' needs a TFDS dataset name such as 'cifar10'")
+  if config.data.source == "image_folder" and not config.data.path:
+    _fail("data.path", "is empty; source='image_folder' needs a folder holding the train and "
+          "test split folders, each with one folder of images per class (as GTSRB ships)")
+  for field in ("train_split", "test_split"):
+    if not isinstance(config.data[field], str) or not config.data[field]:
+      _fail(f"data.{field}", f"must be a non-empty split name, got {config.data[field]!r}")
+  image_size = tuple(config.data.image_size)
+  if image_size and (len(image_size) != 2 or not all(
+      isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in image_size)):
+    _fail("data.image_size", f"must be () or (height, width) in pixels, 1..4096, got "
+          f"{image_size!r}")
+  if image_size and config.data.source == "cifar10_dir":
+    _fail("data.image_size", "applies to the tfds and image_folder sources; cifar10_dir "
+          "images are 32x32")
   _check_int(config, "data.clean_set_size", 1)
   _check_int(config, "data.train_limit", 0)
   _check_int(config, "data.test_limit", 0)
 
-  _check_choice(config, "trigger.kind", TRIGGER_KINDS)
-  if config.trigger.kind == "patch":
-    _check_int(config, "trigger.size", 1)
-    _check_choice(config, "trigger.position", PATCH_POSITIONS)
-    _check_choice(config, "trigger.pattern", PATCH_PATTERNS)
-    offset = tuple(config.trigger.offset)
-    if len(offset) != 2 or not all(isinstance(v, int) and v >= 0 for v in offset):
-      _fail("trigger.offset", f"must be two integers >= 0 (row, col), got {offset!r}")
-  else:
-    _check_choice(config, "trigger.pattern", BLEND_PATTERNS)
-    _check_range(config, "trigger.alpha", 0.0, 1.0, low_open=True)
-    _check_int(config, "trigger.noise_seed", 0)
-  color = tuple(config.trigger.color)
-  if not color or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in color):
-    _fail("trigger.color", f"must be values in [0, 1], one per channel, got {color!r}")
-  if config.trigger.pattern == "file" and not config.trigger.pattern_file:
-    _fail("trigger.pattern_file", "is empty; pattern='file' needs a .npy or image file")
+  _validate_trigger(config)
 
   _check_range(config, "poison.rate", 0.0, 1.0, low_open=True, high_open=True)
   _check_int(config, "poison.target", 0)
@@ -332,6 +359,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, "model.name", MODEL_NAMES)
   _check_range(config, "model.width", 0.0, 64.0, low_open=True)
   _check_choice(config, "model.head_pool", HEAD_POOLS)
+  if config.model.name == "alexnet" and config.model.head_pool:
+    _fail("model.head_pool", f"{config.model.head_pool!r} does not apply to alexnet, whose "
+          "classifier (max-pool, fc6, fc7) is its own; leave it empty")
   for layer in config.model.probe_layers:
     if not isinstance(layer, str):
       _fail("model.probe_layers", f"must be layer names, got {layer!r}")
@@ -374,6 +404,46 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("sweep.axes", f"must be a string such as 'seed=0,1,2 poison.rate=0.05,0.1', "
           f"got {config.sweep.axes!r}")
   _check_int(config, "sweep.models_per_device", 1)
+
+
+def _validate_trigger(config: ml_collections.ConfigDict) -> None:
+  _check_choice(config, "trigger.kind", TRIGGER_KINDS)
+  kind = config.trigger.kind
+  if kind == "patch":
+    _check_int(config, "trigger.size", 1)
+    _check_choice(config, "trigger.position", PATCH_POSITIONS)
+    _check_choice(config, "trigger.pattern", PATCH_PATTERNS)
+    offset = tuple(config.trigger.offset)
+    if len(offset) != 2 or not all(isinstance(v, int) and v >= 0 for v in offset):
+      _fail("trigger.offset", f"must be two integers >= 0 (row, col), got {offset!r}")
+  elif kind == "blend":
+    _check_choice(config, "trigger.pattern", BLEND_PATTERNS)
+    _check_range(config, "trigger.alpha", 0.0, 1.0, low_open=True)
+    _check_int(config, "trigger.noise_seed", 0)
+  elif kind == "sig":
+    _check_range(config, "trigger.amplitude", 0.0, 1.0, low_open=True)
+    _check_range(config, "trigger.frequency", 0.0, 1e4, low_open=True)
+  else:
+    _check_int(config, "trigger.grid_size", 2)
+    _check_range(config, "trigger.strength", 0.0, 100.0, low_open=True)
+    _check_range(config, "trigger.grid_rescale", 0.0, 10.0, low_open=True)
+    _check_int(config, "trigger.warp_seed", 0)
+  color = tuple(config.trigger.color)
+  if not color or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in color):
+    _fail("trigger.color", f"must be values in [0, 1], one per channel, got {color!r}")
+  if kind in ("patch", "blend") and config.trigger.pattern == "file" \
+      and not config.trigger.pattern_file:
+    _fail("trigger.pattern_file", "is empty; pattern='file' needs a .npy or image file")
+  if not isinstance(config.trigger.clean_label, bool):
+    _fail("trigger.clean_label", f"must be True or False, got {config.trigger.clean_label!r}")
+  if config.trigger.clean_label and config.poison.mode != "all_to_one":
+    _fail("trigger.clean_label", f"clean-label poisoning keeps the labels, so it needs "
+          f"poison.mode='all_to_one' (got {config.poison.mode!r}); set "
+          "trigger.clean_label=False for all-to-all")
+  _check_range(config, "trigger.cross_ratio", 0.0, 100.0)
+  if config.trigger.cross_ratio and kind != "wanet":
+    _fail("trigger.cross_ratio", f"{config.trigger.cross_ratio!r}: only the wanet trigger has a "
+          f"noise mode; set it to 0 for kind {kind!r}")
 
 
 def _validate_prune(config: ml_collections.ConfigDict) -> None:
@@ -435,7 +505,7 @@ def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Seq
     _fail("poison.target", f"{config.poison.target} is not a class of this dataset "
           f"(classes 0..{num_classes - 1})")
   color = tuple(config.trigger.color)
-  if len(color) not in (1, channels):
+  if config.trigger.kind == "patch" and len(color) not in (1, channels):
     _fail("trigger.color", f"has {len(color)} values; the images have {channels} channels")
   if config.trigger.kind == "patch":
     size = config.trigger.size
@@ -446,6 +516,9 @@ def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Seq
     if row + size > height or col + size > width:
       _fail("trigger", f"a {size}x{size} patch at {config.trigger.position} "
             f"(offset {(row, col)}) does not fit a {height}x{width} image")
+  if config.trigger.kind == "wanet" and config.trigger.grid_size > min(height, width):
+    _fail("trigger.grid_size", f"{config.trigger.grid_size} is larger than the "
+          f"{height}x{width} image")
   if config.data.clean_set_size >= num_train:
     _fail("data.clean_set_size", f"{config.data.clean_set_size} leaves no training images "
           f"out of {num_train}")

@@ -1,6 +1,7 @@
-"""Datasets as uint8 arrays: CIFAR-10's original directory layout, or any TFDS dataset.
+"""Datasets as uint8 arrays: CIFAR-10's original directory layout, any TFDS image
+classification dataset by name, or a folder of one sub-folder of images per class.
 
-Both sources give a `Dataset` of NHWC uint8 images and int32 labels; the training
+Every source gives a `Dataset` of NHWC uint8 images and int32 labels; the training
 code moves them to the device once. Nothing here falls back to other data: a
 missing, truncated or tampered file is a `DatasetError` that names the path and
 what is wrong.
@@ -17,6 +18,9 @@ import pickle
 from typing import Iterator
 
 import numpy as np
+from absl import logging
+
+from linfjax import images as image_files
 
 from linfjax import errors
 
@@ -184,17 +188,25 @@ def load_cifar10_dir(path: str) -> Dataset:
 
 # --- TFDS ---------------------------------------------------------------------------
 
-def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
+def load_tfds(name: str, data_dir: str | None = None, *, train_split: str = "train",
+              test_split: str = "test", image_size: tuple[int, ...] = ()) -> Dataset:
   """Reads a prepared TFDS image-classification dataset through `tfds.data_source`.
 
   Random access needs no TensorFlow, but the dataset must be prepared already in the
   array_record format (`tfds build NAME --file_format=array_record`); nothing is
   downloaded here.
+
+  Args:
+    name: the TFDS name, e.g. "cifar10", "cifar100", "svhn_cropped".
+    data_dir: TFDS's data directory; None or "" for its default.
+    train_split, test_split: TFDS split names (slices such as "train[:90%]" work too).
+    image_size: (height, width) to resize every image to; () keeps the stored size, which
+      must then be one size for the whole dataset.
   """
   import tensorflow_datasets as tfds  # Imported here: it is slow to import.
 
   splits = {}
-  for split in ("train", "test"):
+  for role, split in (("train", train_split), ("test", test_split)):
     try:
       source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:
@@ -208,12 +220,96 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
       raise DatasetError(f"TFDS dataset {name!r} has features {list(features)}; linfjax "
                          "needs an image classification dataset with 'image' and 'label'")
     records = [source[i] for i in range(len(source))]
-    images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in records])
+    arrays = [np.asarray(r["image"], dtype=np.uint8) for r in records]
+    if image_size:
+      arrays = [image_files.resize(a, tuple(image_size)) for a in arrays]
+    images = _stack(arrays, lambda i, split=split: f"TFDS {name!r} {split!r} example {i}")
     labels = np.asarray([int(r["label"]) for r in records], dtype=np.int32)
-    splits[split] = (images, labels)
+    splits[role] = (images, labels)
     class_names = tuple(features["label"].names)
   return Dataset(splits["train"][0], splits["train"][1], splits["test"][0], splits["test"][1],
                  class_names)
+
+
+def _stack(arrays: list[np.ndarray], describe) -> np.ndarray:
+  """Stacks images of one shape; a different one is a DatasetError naming `describe(i)`."""
+  if not arrays:
+    raise DatasetError(f"{describe(0)}: no images")
+  for i, array in enumerate(arrays):
+    if array.shape != arrays[0].shape:
+      raise DatasetError(f"{describe(i)} is {array.shape[1]}x{array.shape[0]}x{array.shape[2]} "
+                         f"(width x height x channels) but {describe(0)} is "
+                         f"{arrays[0].shape[1]}x{arrays[0].shape[0]}x{arrays[0].shape[2]}; set "
+                         "data.image_size=(height, width) to resize every image")
+  return np.stack(arrays)
+
+
+# --- one folder per class -------------------------------------------------------------
+
+def _class_folders(split_dir: str) -> list[str]:
+  if not os.path.isdir(split_dir):
+    raise DatasetError(f"{split_dir}: no such directory (an image folder dataset needs "
+                       "<path>/<split>/<class>/<image files>)")
+  return sorted(name for name in os.listdir(split_dir)
+                if not name.startswith(".") and os.path.isdir(os.path.join(split_dir, name)))
+
+
+def _read_split(split_dir: str, class_names: tuple[str, ...], image_size):
+  """Every image of a split as (uint8 [N, H, W, 3], int32 [N]) in class, then file order."""
+  arrays, labels, paths, skipped = [], [], [], 0
+  folders = _class_folders(split_dir)
+  if not folders:
+    raise DatasetError(f"{split_dir}: no class folders")
+  for name in folders:
+    if name not in class_names:
+      raise DatasetError(f"{os.path.join(split_dir, name)}: class folder {name!r} is not one of "
+                         f"the training split's classes ({', '.join(class_names)})")
+    folder = os.path.join(split_dir, name)
+    files = sorted(os.listdir(folder))
+    chosen = [f for f in files if image_files.is_image_name(f)]
+    skipped += len(files) - len(chosen)
+    if not chosen:
+      raise DatasetError(f"{folder}: no image files (known extensions: "
+                         f"{', '.join(image_files.EXTENSIONS)})")
+    for file_name in chosen:
+      path = os.path.join(folder, file_name)
+      try:
+        arrays.append(image_files.decode(path, size=tuple(image_size) or None))
+      except image_files.ImageError as e:
+        raise DatasetError(str(e)) from None
+      labels.append(class_names.index(name))
+      paths.append(path)
+  if skipped:
+    logging.info("%s: skipped %d files that are not images", split_dir, skipped)
+  return _stack(arrays, lambda i: paths[i]), np.asarray(labels, np.int32)
+
+
+def load_image_folder(path: str, *, train_split: str = "train", test_split: str = "test",
+                      image_size: tuple[int, ...] = ()) -> Dataset:
+  """Reads `path/<split>/<class>/<image>` for the train and test splits (GTSRB's layout).
+
+  Classes are the training split's sub-folders in sorted order (GTSRB's 00000..00042 are
+  classes 0..42); the test split's sub-folders must be among them. Files without an
+  image extension (GTSRB's CSV files) are skipped and counted in the log; a file with
+  one that does not decode is an error (linfjax/images.py).
+
+  Args:
+    path: the dataset's root folder.
+    train_split, test_split: the split folders' names.
+    image_size: (height, width) every image is resized to; () keeps the stored sizes,
+      which must then all be equal.
+  """
+  if not os.path.isdir(path):
+    raise DatasetError(f"{path}: no such directory (data.path should name a folder holding "
+                       f"{train_split}/ and {test_split}/ with one folder per class)")
+  class_names = tuple(_class_folders(os.path.join(path, train_split)))
+  train_images, train_labels = _read_split(os.path.join(path, train_split), class_names,
+                                           image_size)
+  test_images, test_labels = _read_split(os.path.join(path, test_split), class_names, image_size)
+  if train_images.shape[1:] != test_images.shape[1:]:
+    raise DatasetError(f"{path}: the {train_split} images are {train_images.shape[1:]} but the "
+                       f"{test_split} images are {test_images.shape[1:]}; set data.image_size")
+  return Dataset(train_images, train_labels, test_images, test_labels, class_names)
 
 
 def load(data_config) -> Dataset:
@@ -221,7 +317,14 @@ def load(data_config) -> Dataset:
   if data_config.source == "cifar10_dir":
     dataset = load_cifar10_dir(os.path.expanduser(data_config.path))
   elif data_config.source == "tfds":
-    dataset = load_tfds(data_config.name, data_config.data_dir)
+    dataset = load_tfds(data_config.name, data_config.data_dir,
+                        train_split=data_config.train_split, test_split=data_config.test_split,
+                        image_size=tuple(data_config.image_size))
+  elif data_config.source == "image_folder":
+    dataset = load_image_folder(os.path.expanduser(data_config.path),
+                                train_split=data_config.train_split,
+                                test_split=data_config.test_split,
+                                image_size=tuple(data_config.image_size))
   else:
     raise DatasetError(f"unknown data source {data_config.source!r}")
   return _limit(dataset, data_config.train_limit, data_config.test_limit)

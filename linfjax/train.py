@@ -24,6 +24,10 @@ from flax.training import train_state
 from linfjax import errors, pixels, poison, triggers
 
 
+# Folded into a step's key for the noise mode's noise, apart from the augmentation's draws.
+NOISE_SALT = 1
+
+
 class TrainingDiverged(errors.UserError, RuntimeError):
   """The loss became NaN or infinite."""
 
@@ -33,15 +37,18 @@ class TrainState(train_state.TrainState):
 
 
 class DeviceData(NamedTuple):
-  """A training set on the device: uint8 images, int32 labels, bool stamp flags."""
+  """A training set on the device: uint8 images, int32 labels, bool stamp flags, and bool
+  noise-mode flags (WaNet's examples warped with fresh noise, labels kept)."""
   images: jax.Array
   labels: jax.Array
   stamp: jax.Array
+  noise: jax.Array
 
 
 def to_device(training_set: poison.PoisonedSet) -> DeviceData:
   return DeviceData(jnp.asarray(training_set.images), jnp.asarray(training_set.labels),
-                    jnp.asarray(training_set.stamp_after_augmentation))
+                    jnp.asarray(training_set.stamp_after_augmentation),
+                    jnp.asarray(training_set.noise_mode))
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -106,21 +113,25 @@ def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool,
 
 
 def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
-               trigger: triggers.Trigger, key: jax.Array, *, padding: int, flip: bool,
+               trigger: triggers.AnyTrigger, key: jax.Array, *, padding: int, flip: bool,
                padding_mode: str = "zeros"):
   """One SGD step on the examples `batch_indices` of `data`.
 
-  The augmentation draws from `fold_in(key, state.step)`, so a resumed run repeats it.
+  The augmentation draws from `fold_in(key, state.step)`, so a resumed run repeats it;
+  the noise mode's noise (WaNet) from a key folded from that one.
 
   Returns:
     The new state and {'loss', 'accuracy'} of this batch (before the update).
   """
   images = pixels.to_unit_float(data.images[batch_indices])
   labels = data.labels[batch_indices]
-  images = augment(jax.random.fold_in(key, state.step), images, padding=padding, flip=flip,
-                   padding_mode=padding_mode)
+  step_key = jax.random.fold_in(key, state.step)
+  images = augment(step_key, images, padding=padding, flip=flip, padding_mode=padding_mode)
   stamp = data.stamp[batch_indices][:, None, None, None]
   images = jnp.where(stamp, triggers.apply(trigger, images), images)
+  noise = data.noise[batch_indices][:, None, None, None]
+  noisy = triggers.apply_noise_mode(trigger, images, jax.random.fold_in(step_key, NOISE_SALT))
+  images = jnp.where(noise, noisy, images)
 
   def loss_fn(params):
     (logits, _), updates = state.apply_fn(
@@ -149,7 +160,7 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
   return order[:steps * batch_size].reshape(steps, batch_size)
 
 
-def train_epoch(state: TrainState, data: DeviceData, trigger: triggers.Trigger, *,
+def train_epoch(state: TrainState, data: DeviceData, trigger: triggers.AnyTrigger, *,
                 key: jax.Array, epoch: int, batch_size: int, padding: int, flip: bool,
                 padding_mode: str = "zeros",
                 on_step: Callable[[dict], None] | None = None) -> tuple[TrainState, dict]:
@@ -198,7 +209,7 @@ class Recipe:
                bool(train_config.flip), train_config.padding_mode)
 
 
-def fit(state: TrainState, data: DeviceData, trigger: triggers.Trigger, recipe: Recipe, *,
+def fit(state: TrainState, data: DeviceData, trigger: triggers.AnyTrigger, recipe: Recipe, *,
         key: jax.Array, start_epoch: int = 0,
         on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
         on_step: Callable[[dict], None] | None = None) -> TrainState:

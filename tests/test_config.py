@@ -21,7 +21,8 @@ def test_defaults_and_quick_validate():
 @pytest.mark.parametrize("field,value,message", [
     ("model.name", "resnet50", "config.model.name: unknown value 'resnet50'; known: cnn, "
                                "preact_resnet18, vgg11"),
-    ("trigger.kind", "wanet", "config.trigger.kind: unknown value 'wanet'; known: patch, blend"),
+    ("trigger.kind", "lira", "config.trigger.kind: unknown value 'lira'; known: patch, blend, "
+                             "sig, wanet"),
     ("data.source", "imagenet_dir", "config.data.source: unknown value"),
     ("poison.rate", 0.0, r"config.poison.rate: 0.0 is outside \(0.0, 1.0\)"),
     ("poison.rate", 1.0, r"config.poison.rate: 1.0 is outside"),
@@ -74,7 +75,8 @@ def _load_config_file(path, *args):
   return module.get_config(*args)
 
 
-@pytest.mark.parametrize("path", ["configs/cifar_patch.py", "configs/cifar_blend.py"])
+@pytest.mark.parametrize("path", ["configs/cifar_patch.py", "configs/cifar_blend.py",
+                                  "configs/cifar_sig.py", "configs/cifar_wanet.py"])
 def test_config_files_load_and_validate(path):
   full = _load_config_file(path)
   quick = _load_config_file(path, "quick")
@@ -102,3 +104,89 @@ def test_command_line_rejects_bad_values_before_compute(tmp_path):
   typo = _main("--config=configs/cifar_patch.py:quick", "--config.train.epoch=3",
                f"--workdir={workdir}")
   assert typo.returncode != 0 and "epoch" in typo.stderr
+
+
+def test_attack_configs_and_their_poisoning():
+  sig = _load_config_file("configs/cifar_sig.py", "quick")
+  assert (sig.trigger.kind, sig.trigger.clean_label, sig.trigger.cross_ratio) == ("sig", True, 0.0)
+  assert sig.trigger.amplitude == 40 / 255 and sig.trigger.frequency == 6.0
+  assert sig.poison.rate == 0.08 and _load_config_file("configs/cifar_sig.py").poison.rate == 0.09
+  wanet = _load_config_file("configs/cifar_wanet.py", "quick")
+  assert (wanet.trigger.kind, wanet.trigger.grid_size, wanet.trigger.strength) == ("wanet", 4, 0.5)
+  assert (wanet.trigger.clean_label, wanet.trigger.cross_ratio) == (False, 2.0)
+
+
+def test_clean_label_needs_all_to_one_and_noise_mode_needs_wanet():
+  config = _quick()
+  config.trigger.update(config_lib.TRIGGER_PRESETS["sig"])
+  config.poison.mode = "all_to_all"
+  with pytest.raises(config_lib.ConfigError, match="config.trigger.clean_label: .*all_to_one"):
+    config_lib.validate(config)
+  config.trigger.clean_label = False
+  config_lib.validate(config)
+  config.trigger.cross_ratio = 2.0
+  with pytest.raises(config_lib.ConfigError, match="only the wanet trigger has a noise mode"):
+    config_lib.validate(config)
+  config = _quick()
+  config.trigger.update(config_lib.TRIGGER_PRESETS["wanet"])
+  config.trigger.grid_size = 1
+  with pytest.raises(config_lib.ConfigError, match="config.trigger.grid_size: must be an integer >= 2"):
+    config_lib.validate(config)
+  config.trigger.grid_size = 40
+  with pytest.raises(config_lib.ConfigError, match="grid_size: 40 is larger than the 32x32"):
+    config_lib.validate_against_data(config, image_shape=(32, 32, 3), num_classes=10,
+                                     num_train=5000)
+
+
+def test_trigger_presets_set_every_attack_field_on_a_grid_axis():
+  from linfjax import grid
+  config = _load_config_file("configs/cifar_wanet.py", "quick")
+  config.sweep.axes = "trigger=patch,blend,sig,wanet"
+  runs = {run.values["trigger"]: run.config.trigger for run in grid.expand(config)}
+  assert {kind: (t.kind, t.clean_label, t.cross_ratio) for kind, t in runs.items()} == {
+      "patch": ("patch", False, 0.0), "blend": ("blend", False, 0.0),
+      "sig": ("sig", True, 0.0), "wanet": ("wanet", False, 2.0)}
+
+
+def test_data_source_fields():
+  config = _quick()
+  config.data.source = "image_folder"
+  config.data.path = ""
+  with pytest.raises(config_lib.ConfigError, match="config.data.path: is empty; source='image_folder'"):
+    config_lib.validate(config)
+  config.data.path = "/data/gtsrb"
+  config.data.image_size = (32, 0)
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.image_size: must be \(\) or"):
+    config_lib.validate(config)
+  config.data.image_size = (32, 32)
+  config_lib.validate(config)
+  config.data.source = "cifar10_dir"
+  with pytest.raises(config_lib.ConfigError, match="cifar10_dir images are 32x32"):
+    config_lib.validate(config)
+  config = _quick()
+  config.data.test_split = ""
+  with pytest.raises(config_lib.ConfigError, match="config.data.test_split: must be a non-empty"):
+    config_lib.validate(config)
+
+
+def test_gtsrb_alexnet_config_needs_only_the_data_path():
+  config = _load_config_file("configs/gtsrb_alexnet.py")
+  assert (config.model.name, config.data.source, tuple(config.data.image_size)) == (
+      "alexnet", "image_folder", (32, 32))
+  assert (config.train.epochs, config.train.flip, config.trigger.kind) == (50, False, "patch")
+  with pytest.raises(config_lib.ConfigError, match="config.data.path: is empty"):
+    config_lib.validate(config)
+  config.data.path = "/data/gtsrb"
+  config_lib.validate(config)
+  with pytest.raises(config_lib.ConfigError, match="unknown config variant 'quick'"):
+    _load_config_file("configs/gtsrb_alexnet.py", "quick")
+
+
+def test_only_the_patch_uses_the_colour_on_grey_images():
+  config = _quick()
+  with pytest.raises(config_lib.ConfigError, match="trigger.color: has 3 values; the images have 1"):
+    config_lib.validate_against_data(config, image_shape=(28, 28, 1), num_classes=10,
+                                     num_train=5000)
+  config.trigger.update(config_lib.TRIGGER_PRESETS["wanet"])
+  config_lib.validate_against_data(config, image_shape=(28, 28, 1), num_classes=10,
+                                   num_train=5000)

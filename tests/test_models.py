@@ -5,7 +5,8 @@ import pytest
 
 from linfjax import models
 
-TINY = {"cnn": 0.125, "preact_resnet18": 0.0625, "vgg11": 0.0625}
+TINY = {"cnn": 0.125, "preact_resnet18": 0.0625, "vgg11": 0.0625, "vgg16": 0.0625,
+        "alexnet": 0.0625}
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
@@ -162,3 +163,39 @@ def test_head_pooling_against_numpy(head_pool, reference):
   dense = variables["params"]["head"]
   expected = reference(features) @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])[None]
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vgg16_and_alexnet_layers_and_probe_shapes():
+  vgg = models.create("vgg16", num_classes=43, width=0.0625, probe_layers=("conv2", "conv13"))
+  variables = models.init(vgg, jax.random.key(0), (32, 32, 3))
+  _, activations = vgg.apply(variables, jnp.zeros((1, 32, 32, 3)))
+  assert len(models.layer_names(vgg)) == 13 and vgg.default_probe == "conv13"
+  assert activations["conv2"].shape == (1, 32, 32, 4) and activations["conv13"].shape == (1, 2, 2, 32)
+  alex = models.create("alexnet", num_classes=43, width=0.0625, probe_layers=("conv1", "conv5"))
+  variables = models.init(alex, jax.random.key(0), (32, 32, 3))
+  _, activations = alex.apply(variables, jnp.zeros((1, 32, 32, 3)))
+  assert models.layer_names(alex) == ("conv1", "conv2", "conv3", "conv4", "conv5")
+  assert activations["conv1"].shape == (1, 32, 32, 4) and activations["conv5"].shape == (1, 8, 8, 16)
+  assert variables["params"]["fc6"]["kernel"].shape == (4 * 4 * 16, 256)
+
+
+def test_alexnet_mask_and_classifier_as_hand_computed():
+  model = models.create("alexnet", num_classes=5, width=0.0625)
+  variables = models.init(model, jax.random.key(1), (32, 32, 3))
+  x = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3))
+  _, clean = model.apply(variables, x)
+  mask = jnp.ones(16).at[3].set(0.0)
+  logits, masked = jax.jit(model.apply)(variables, x, {"conv5": mask})
+  features = np.asarray(clean["conv5"]) * np.asarray(mask)
+  np.testing.assert_array_equal(masked["conv5"], features)
+  # Classifier by hand: 3x3 stride-2 max-pool (SAME, 8 -> 4), flatten, fc6, fc7, head.
+  padded = np.pad(features, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+  pooled = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                               for j in range(4)], 1) for i in range(4)], 1)
+  params = jax.tree.map(np.asarray, variables["params"])
+  hidden = np.maximum(pooled.reshape(2, -1) @ params["fc6"]["kernel"] + params["fc6"]["bias"], 0)
+  hidden = np.maximum(hidden @ params["fc7"]["kernel"] + params["fc7"]["bias"], 0)
+  expected = hidden @ params["head"]["kernel"] + params["head"]["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  split, _ = model.apply(variables, masked["conv5"], start="conv5")
+  np.testing.assert_allclose(split, logits, rtol=1e-5, atol=1e-5)

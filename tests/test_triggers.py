@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import triggers
+from linfjax import triggers, warp
 
 
 def _trigger_config(**overrides):
@@ -90,3 +90,58 @@ def test_bad_pattern_values_and_files(tmp_path):
   with pytest.raises(triggers.TriggerError, match="not found"):
     triggers.from_config(_trigger_config(pattern="file", pattern_file=str(tmp_path / "x.npy")),
                          (32, 32, 3))
+
+
+def test_sig_signal_and_stamp_match_numpy():
+  shape = (4, 16, 3)
+  trigger = triggers.from_config(_trigger_config(**config_lib.TRIGGER_PRESETS["sig"]), shape)
+  columns = np.arange(16)
+  row = 40 / 255 * np.sin(2 * np.pi * columns * 6 / 16)
+  np.testing.assert_allclose(np.asarray(trigger.signal),
+                             np.broadcast_to(row[None, :, None], shape), atol=1e-7)
+  images = np.random.default_rng(4).random((3, *shape)).astype(np.float32)
+  stamped = np.asarray(jax.jit(triggers.apply)(trigger, jnp.asarray(images)))
+  np.testing.assert_allclose(stamped, np.clip(images + row[None, None, :, None], 0, 1),
+                             atol=1e-6)
+  assert np.asarray(triggers.region(trigger)).all()
+  smaller = triggers.sig(shape, amplitude=0.1, frequency=2.0)
+  np.testing.assert_allclose(np.asarray(smaller.signal)[0, :, 0],
+                             0.1 * np.sin(2 * np.pi * columns * 2 / 16), atol=1e-7)
+
+
+def test_wanet_trigger_resamples_at_its_grid_and_vmaps():
+  shape = (8, 8, 3)
+  config = _trigger_config(**config_lib.TRIGGER_PRESETS["wanet"])
+  trigger = triggers.from_config(config, shape)
+  np.testing.assert_array_equal(trigger.grid, warp.wanet_grid(shape, grid_size=4, strength=0.5,
+                                                              seed=0))
+  images = jnp.asarray(np.random.default_rng(5).random((2, *shape)), jnp.float32)
+  stamped = jax.jit(triggers.apply)(trigger, images)
+  np.testing.assert_allclose(stamped, warp.grid_sample(images, trigger.grid), atol=1e-6)
+  assert not np.allclose(stamped, images) and np.asarray(triggers.region(trigger)).all()
+  stack = [triggers.wanet(shape, seed=seed) for seed in range(3)]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *stack)
+  batched = jax.jit(jax.vmap(triggers.apply, in_axes=(0, None)))(stacked, images)
+  for i, one in enumerate(stack):
+    np.testing.assert_allclose(batched[i], triggers.apply(one, images), atol=1e-6)
+
+
+def test_noise_mode_jitters_the_warp_per_image_and_leaves_other_kinds_alone():
+  shape = (8, 8, 3)
+  trigger = triggers.wanet(shape, seed=1)
+  images = jnp.asarray(np.random.default_rng(6).random((3, *shape)), jnp.float32)
+  key = jax.random.key(9)
+  out = np.asarray(jax.jit(triggers.apply_noise_mode)(trigger, images, key))
+  noise = jax.random.uniform(key, (3, 8, 8, 2), minval=-1.0, maxval=1.0)
+  grids = np.clip(np.asarray(trigger.grid)[None] + np.asarray(noise) / 8, -1, 1)
+  np.testing.assert_allclose(out, warp.grid_sample(images, grids), atol=1e-6)
+  assert not np.allclose(out, triggers.apply(trigger, images), atol=1e-3)
+  patch = triggers.patch(shape, size=2, row=0, col=0, pattern=np.ones(3))
+  np.testing.assert_array_equal(triggers.apply_noise_mode(patch, images, key), images)
+
+
+def test_bad_sig_and_wanet_parameters_are_errors():
+  with pytest.raises(triggers.TriggerError, match="amplitude 1.5"):
+    triggers.sig((8, 8, 3), amplitude=1.5)
+  with pytest.raises(triggers.TriggerError, match=r"grid size 9 must be in \[2, 8\]"):
+    triggers.wanet((8, 8, 3), grid_size=9)

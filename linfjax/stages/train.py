@@ -2,7 +2,8 @@
 
 Writes under `WORKDIR/train/`:
   split.npz            the defender's clean set S, the training indices, and the
-                       poisoned indices (positions in the training images);
+                       poisoned and noise-mode (WaNet) indices (positions in the
+                       training images);
   backdoored/, vanilla/  orbax checkpoints, one per finished epoch;
   metrics.json         per-epoch loss/accuracy, seconds per model, final CA/ASR/RA.
 Returns the `train` entry of results.json (METHOD.md, "Results file").
@@ -30,7 +31,8 @@ def training_sets(ctx: RunContext) -> dict[str, poison.PoisonedSet]:
       "backdoored": poison.poison(
           ctx.train_images, ctx.train_labels, ctx.trigger, rate=cfg.poison.rate,
           target=cfg.poison.target, mode=cfg.poison.mode, stamp=cfg.poison.stamp,
-          num_classes=ctx.dataset.num_classes, seed=cfg.seed),
+          num_classes=ctx.dataset.num_classes, seed=cfg.seed,
+          clean_label=cfg.trigger.clean_label, cross_ratio=cfg.trigger.cross_ratio),
       "vanilla": poison.clean(ctx.train_images, ctx.train_labels),
   }
 
@@ -134,7 +136,8 @@ def run(ctx: RunContext) -> dict:
   files.write_npz(os.path.join(stage_dir, "split.npz"),
                   clean_set_indices=ctx.split.clean_set_indices,
                   train_indices=ctx.split.train_indices,
-                  poison_indices=sets["backdoored"].poison_indices)
+                  poison_indices=sets["backdoored"].poison_indices,
+                  noise_indices=sets["backdoored"].noise_indices)
   result, log = {}, {}
   for kind in MODEL_KINDS:
     log[kind] = {}
