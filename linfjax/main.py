@@ -47,6 +47,9 @@ def main(argv):
     shard = (jax.process_index(), jax.process_count())
   statuses = sweep.run(FLAGS.config, FLAGS.workdir, shard=shard, progress=progress)
   print(json.dumps(statuses, indent=1))
+  failed = sweep.failure_message(statuses, FLAGS.workdir)
+  if failed:
+    sys.exit(failed)  # Exit code 1, so SLURM and the launchers see the failure.
 
 
 if __name__ == "__main__":

@@ -145,6 +145,17 @@ def _record_failure(workdir: str, run: grid.Run, error: Exception) -> None:
       "traceback": traceback.format_exc(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
+def failure_message(statuses: dict[str, str], workdir: str) -> str | None:
+  """What a grid process says on exit when some of its runs failed; None when none did."""
+  failed = [name for name, status in statuses.items() if status == "failed"]
+  if not failed:
+    return None
+  shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+  return (f"grid: {len(failed)} of {len(statuses)} runs of this process failed ({shown}); "
+          f"each has its error in {os.path.join(workdir, 'runs', '<name>', 'error.json')}, "
+          "and rerunning the same command retries them")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, int] = (0, 1),
         progress: bool = True) -> dict:
   """Runs this shard's unfinished runs of the grid; returns {run name: status}.
