@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from linfjax import grid, pipeline, sweep
+from linfjax import compile_cache, grid, pipeline, sweep
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar_patch.py:quick.",
                                 lock_config=True)
@@ -23,6 +23,9 @@ flags.DEFINE_bool("quiet", False, "No progress bars.")
 flags.DEFINE_string("shard", "", "Grids only: INDEX/COUNT, run only runs INDEX, INDEX+COUNT, ...")
 flags.DEFINE_bool("distributed", False, "Grids on several hosts: jax.distributed.initialize(), "
                   "then each process runs its own shard (process_index/process_count).")
+flags.DEFINE_string("compile_cache", "", "Directory of JAX's persistent compilation cache, or "
+                    "'off'; default $LINFJAX_COMPILE_CACHE, else ~/.cache/linfjax/jax/<cpu> "
+                    "(linfjax/compile_cache.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -34,6 +37,7 @@ def main(argv):
   # Orbax logs every save step by step at INFO; keep linfjax's own progress readable.
   logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
   progress = not FLAGS.quiet and sys.stderr.isatty()
+  logging.info("compilation cache: %s", compile_cache.enable(FLAGS.compile_cache) or "off")
   if not grid.is_grid(FLAGS.config):
     if FLAGS.shard or FLAGS.distributed:
       raise app.UsageError("--shard and --distributed need a grid (config.sweep.axes)")

@@ -33,13 +33,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _slurm_env(process: int, processes: int, port: int) -> dict:
+def _slurm_env(process: int, processes: int, port: int, cache: str) -> dict:
   """What SLURM sets for task `process` of a job step on this host (jax.distributed reads it),
-  with the coordinator on a free local port instead of the one derived from the job id."""
+  with the coordinator on a free local port instead of the one derived from the job id, and
+  a compilation cache that both processes share."""
   return dict(os.environ, SLURM_JOB_ID="42", SLURM_NTASKS=str(processes),
               SLURM_PROCID=str(process), SLURM_LOCALID=str(process),
               SLURM_STEP_NODELIST="localhost", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-              PYTHONPATH=REPO)
+              LINFJAX_COMPILE_CACHE=cache, PYTHONPATH=REPO)
 
 
 def _read(path):
@@ -54,7 +55,7 @@ def test_two_processes_finish_every_run_as_alone(cifar_dir, tmp_path):
   port = _free_port()
   processes = [subprocess.Popen(
       [sys.executable, "-m", "linfjax.main", f"--config={config_file}", f"--workdir={workdir}",
-       "--distributed", "--quiet"], env=_slurm_env(i, 2, port), cwd=REPO,
+       "--distributed", "--quiet"], env=_slurm_env(i, 2, port, str(tmp_path / "cache")), cwd=REPO,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [process.communicate(timeout=600) for process in processes]
   for process, (stdout, stderr) in zip(processes, outputs):
@@ -63,6 +64,7 @@ def test_two_processes_finish_every_run_as_alone(cifar_dir, tmp_path):
   # Process i takes runs i, i+2: the two poison rates of seed 0 and of seed 1 split.
   assert statuses == [{"seed=0,poison.rate=0.1": "finished", "seed=1,poison.rate=0.1": "finished"},
                       {"seed=0,poison.rate=0.2": "finished", "seed=1,poison.rate=0.2": "finished"}]
+  assert len(os.listdir(tmp_path / "cache")) > 10  # The compiled programs, shared on disk.
   alone_config = tiny_config(cifar_dir)
   alone_config.stages = ("train",)
   for seed, rate in ((0, 0.2), (1, 0.1)):
@@ -98,7 +100,8 @@ def test_grid_process_whose_runs_failed_exits_non_zero_and_says_how_many(cifar_d
   script = FAILING_GRID.format(tests=os.path.join(REPO, "tests"), config_file=config_file,
                                workdir=workdir)
   completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                             text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+                             text=True, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=REPO, LINFJAX_COMPILE_CACHE="off"))
   assert completed.returncode == 1
   assert "grid: 4 of 4 runs of this process failed (seed=0,poison.rate=0.1," in completed.stderr
   error = _read(os.path.join(workdir, "runs", "seed=1,poison.rate=0.2", "error.json"))
