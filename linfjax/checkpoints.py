@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from typing import Any, Sequence
 
 import jax
@@ -124,6 +125,32 @@ class StageCheckpoints:
           f"{self.directory} to redo this stage.") from None
     return jax.tree.map(lambda leaf, host: jnp.asarray(host, dtype=getattr(leaf, "dtype", None)),
                         like, restored)
+
+  def step_directory(self, step: int) -> str:
+    """The folder of checkpoint `step` (orbax's default naming: the step number)."""
+    return os.path.join(self.directory, str(step))
+
+  def copy_latest_to(self, destination: "StageCheckpoints") -> int:
+    """Copies the latest checkpoint into `destination` (unless it has that step); returns it.
+
+    The copy is made beside its final place and renamed into it, so a kill mid-copy leaves
+    no partial checkpoint that orbax would list.
+    """
+    step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f"{self.directory}: no checkpoint to copy")
+    target = destination.step_directory(step)
+    if not os.path.exists(target):
+      staging = os.path.join(destination.directory, f".copying-{step}-{os.getpid()}")
+      shutil.rmtree(staging, ignore_errors=True)
+      shutil.copytree(self.step_directory(step), staging)
+      os.replace(staging, target)
+      destination.reload()
+    return step
+
+  def reload(self) -> None:
+    """Re-reads the folder's steps (after another manager or a copy changed them)."""
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()

@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import data, files, report, triggers
+from linfjax import data, files, report, shared_work, triggers
 from linfjax.stages import analysis as analysis_stage
 from linfjax.stages import prune as prune_stage
 from linfjax.stages import reverse as reverse_stage
@@ -88,7 +88,8 @@ def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 
 def make_context(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-                 dataset: data.Dataset | None = None) -> RunContext:
+                 dataset: data.Dataset | None = None,
+                 shared: shared_work.SharedWork | None = None) -> RunContext:
   """Loads the data (unless given), checks the config against it, and builds the trigger."""
   dataset = data.load(config.data) if dataset is None else dataset
   config_lib.validate_against_data(config, image_shape=dataset.image_shape,
@@ -98,14 +99,16 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *, progress: b
                                   config.seed)
   trigger = triggers.from_config(config.trigger, dataset.image_shape)
   return RunContext(config=config, workdir=workdir, dataset=dataset, split=split,
-                    trigger=trigger, progress=progress)
+                    trigger=trigger, progress=progress, shared=shared)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-        dataset: data.Dataset | None = None) -> dict:
+        dataset: data.Dataset | None = None,
+        shared: shared_work.SharedWork | None = None) -> dict:
   """Validates the config, then runs every unfinished stage; returns results.json's content.
 
-  `dataset`, when given, is `config.data` already loaded (a grid loads it once).
+  `dataset`, when given, is `config.data` already loaded (a grid loads it once); `shared`,
+  a grid's shared pieces, which stages read or compute once for all its runs.
   """
   config_lib.validate(config)
   prepare_workdir(config, workdir)
@@ -118,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
   if not pending:
     report.write_report(workdir)
     return results
-  ctx = make_context(config, workdir, progress=progress, dataset=dataset)
+  ctx = make_context(config, workdir, progress=progress, dataset=dataset, shared=shared)
   for stage in pending:
     logging.info("stage %s: running", stage)
     results[stage] = STAGES[stage](ctx)

@@ -9,18 +9,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from linfjax import data, models, triggers
+from linfjax import data, models, shared_work, triggers
 
 
 @dataclasses.dataclass
 class RunContext:
-  """One run's shared inputs. Stages read from it and write under `stage_dir(name)`."""
+  """One run's inputs. Stages read from it and write under `stage_dir(name)`."""
   config: ml_collections.ConfigDict
   workdir: str
   dataset: data.Dataset
   split: data.Split
   trigger: triggers.Trigger
   progress: bool = True
+  # A grid's shared pieces (linfjax/shared_work.py): stages compute what several runs
+  # need once there; None for a run on its own, which computes everything itself.
+  shared: shared_work.SharedWork | None = None
 
   def stage_dir(self, stage: str) -> str:
     path = os.path.join(self.workdir, stage)
