@@ -84,7 +84,8 @@ def _train_signature(config: ml_collections.ConfigDict) -> str:
   return json.dumps([json.loads(config[block].to_json()) for block in ("data", "model", "train")])
 
 
-def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device: int,
+def _lockstep_train(workdir: str, runs: list[grid.Run], datasets,
+                    shared: shared_work.SharedWork | None, *, per_device: int,
                     progress: bool) -> None:
   """Trains the unfinished models of `runs` together, group by group, into their stores.
 
@@ -94,7 +95,6 @@ def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device:
   """
   mesh = lockstep.make_mesh()
   group_size = mesh.devices.size * per_device
-  shared = shared_work.SharedWork(shared_dir(workdir))
   groups: dict[tuple, list] = {}
   seen_pieces = set()
   for run in runs:
@@ -102,7 +102,7 @@ def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device:
       continue
     for kind in train_stage.MODEL_KINDS:
       piece = None
-      if kind == "vanilla":  # Shared: each distinct vanilla model once.
+      if kind == "vanilla" and shared is not None:  # Each distinct vanilla model once.
         piece = shared.piece(train_stage.VANILLA_PIECE,
                              train_stage.vanilla_dependencies(run.config))
         if piece.done or piece.key in seen_pieces:
@@ -213,9 +213,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, in
   logging.info("grid: %d runs, %d in shard %d/%d, %d unfinished", len(runs), len(mine),
                shard_index, shard_count, len(pending))
   per_device = config.sweep.models_per_device
+  shared = shared_work.SharedWork(shared_dir(workdir)) if config.sweep.share else None
   if pending and (len(jax.local_devices()) > 1 or per_device > 1):
-    _lockstep_train(workdir, pending, datasets, per_device=per_device, progress=progress)
-  shared = shared_work.SharedWork(shared_dir(workdir))
+    _lockstep_train(workdir, pending, datasets, shared, per_device=per_device,
+                    progress=progress)
   pending_names = {r.name for r in pending}
   statuses = {r.name: "finished" for r in mine if r.name not in pending_names}
   started = time.perf_counter()
