@@ -37,11 +37,10 @@ import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from linfjax import config as config_lib
-from linfjax import grid, lockstep, models, poison, train, triggers
+from linfjax import grid
+import lockstep_timing
 
 _AXES = flags.DEFINE_string("axes", "trigger=patch,blend poison.rate=0.05,0.1 seed=0,1",
                             "the grid's axes (config.sweep.axes)")
@@ -131,61 +130,10 @@ def _axes_config(axes: str):
   return config
 
 
-def _states_and_inputs(name: str, batch: int):
-  """`--replicas` fresh train states of `name` and their inputs, on synthetic data."""
-  model = models.create(name, num_classes=10, width=0.125 if _TINY.value else 1.0)
-  tx = train.make_optimizer(config_lib.base_config().train, 1000)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8)
-  labels = rng.integers(0, 10, 1024).astype(np.int32)
-  trigger = triggers.patch((32, 32, 3), size=3, row=29, col=29, pattern=np.ones(3, np.float32))
-  training_set = poison.poison(images, labels, trigger, rate=0.1, target=0, mode="all_to_one",
-                               stamp="after_augmentation", num_classes=10, seed=0)
-  data = train.to_device(training_set)
-  replicas = setting("replicas")
-  states = [train.create_state(model, models.init(model, jax.random.key(i), (32, 32, 3)), tx)
-            for i in range(replicas)]
-  keys = [jax.random.key(100 + i) for i in range(replicas)]
-  batches = np.stack([np.arange(batch) + 7 * i for i in range(replicas)])
-  return states, data, trigger, keys, batches
-
-
 def lockstep_against_sequential(name: str, batch: int) -> tuple[float, float]:
-  states, data, trigger, keys, batches = _states_and_inputs(name, batch)
-  step = train.compiled_step(4, True)
-
-  def sequential_steps(count):
-    nonlocal states
-    for _ in range(count):
-      states = [step(state, data, batch_rows, trigger, key)[0]
-                for state, batch_rows, key in zip(states, batches, keys)]
-    jax.block_until_ready(states)
-
-  mesh = lockstep.make_mesh(jax.local_devices()[:1])
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(lockstep.RUNS_AXIS))
-  stack = lambda trees: jax.device_put(jax.tree.map(lambda *l: jnp.stack(l), *trees), sharding)
-  stacked = stack(states)
-  stacked_data = stack([data] * len(states))
-  stacked_trigger = stack([trigger] * len(states))
-  stacked_keys = stack(keys)
-  stacked_batches = jax.device_put(batches, sharding)
-  vmapped = lockstep.compiled_step(4, True)
-
-  def lockstep_steps(count):
-    nonlocal stacked
-    for _ in range(count):
-      stacked = vmapped(stacked, stacked_data, stacked_batches, stacked_trigger, stacked_keys)[0]
-    jax.block_until_ready(stacked)
-
-  timings = {}
-  for label, run_steps in (("sequential", sequential_steps), ("lockstep", lockstep_steps)):
-    run_steps(1)  # Compiles.
-    started = time.perf_counter()
-    run_steps(setting("steps"))
-    timings[label] = (time.perf_counter() - started) / setting("steps")
-    print(f"{name} x{len(states)}, batch {batch}, {label}: {timings[label]:.3f} s per step "
-          "of every model", flush=True)
-  return timings["sequential"], timings["lockstep"]
+  return lockstep_timing.lockstep_against_sequential(
+      name, batch, replicas=setting("replicas"), steps=setting("steps"),
+      width=0.125 if _TINY.value else 1.0)
 
 
 def main(argv):

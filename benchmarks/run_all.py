@@ -46,7 +46,7 @@ CPU_BENCHMARKS = {
     "train_step": ("train_step.py", ["--steps=3", "--warmup=1", "--epoch_steps=1"],
                    ["--steps=1", "--warmup=1", "--epoch_steps=1"], True),
     "mfu": ("mfu.py", ["--steps=3"], ["--tiny", "--steps=1", "--repeats=1"], False),
-    "compile_cache": ("profile.py", ["--configs=quick_short"],
+    "compile_cache": ("stage_profile.py", ["--configs=quick_short"],
                       ["--configs=quick_short", "--tiny"], False),
     "grid": ("grid.py", ["--small"], ["--tiny"], False),
 }

@@ -27,7 +27,7 @@ OFF = "off"
 ENV_VAR = "LINFJAX_COMPILE_CACHE"
 # Cache every compilation, however short: JAX's default (only those over 1 s) skips most of
 # linfjax's small functions, which add up. Measured on the short quick run
-# (benchmarks/profile.py): 15.8 s of compiling left warm with a 0.1 s floor, 8.3 s with none.
+# (benchmarks/stage_profile.py): 15.8 s of compiling left warm with a 0.1 s floor, 8.3 s with none.
 MIN_COMPILE_SECONDS = 0.0
 
 

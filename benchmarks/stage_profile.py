@@ -25,7 +25,7 @@ The output ends with `ratio compile_warm_vs_cold_<config> VALUE target 2`: compi
 of the whole run, cold over warm.
 
 Run (from the repo root, with ../shared beside it):
-  python benchmarks/profile.py [--configs=quick_short,full_short] [--tiny]
+  python benchmarks/stage_profile.py [--configs=quick_short,full_short] [--tiny]
 `--tiny` shrinks every config further (CI: a few seconds of compute).
 """
 
