@@ -76,6 +76,15 @@ def _to_host(tree: Any) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
+def _like(leaf: Any, host: np.ndarray) -> jax.Array:
+  """`host` as a jax.Array of `leaf`'s dtype. NumPy stores dtypes it does not know
+  (bfloat16) as raw bytes ('V2'); those are reinterpreted, not converted."""
+  dtype = getattr(leaf, "dtype", None)
+  if host.dtype.kind == "V" and dtype is not None:
+    host = host.view(dtype)
+  return jnp.asarray(host, dtype=dtype)
+
+
 class StageCheckpoints:
   """Numbered checkpoints of one pytree in one folder (the latest `max_to_keep` are kept)."""
 
@@ -123,8 +132,7 @@ class StageCheckpoints:
           f"{self.directory}: checkpoint {step} cannot be restored ({type(e).__name__}: "
           f"{str(e)[:300]}). It is corrupt or from a different config; delete "
           f"{self.directory} to redo this stage.") from None
-    return jax.tree.map(lambda leaf, host: jnp.asarray(host, dtype=getattr(leaf, "dtype", None)),
-                        like, restored)
+    return jax.tree.map(_like, like, restored)
 
   def step_directory(self, step: int) -> str:
     """The folder of checkpoint `step` (orbax's default naming: the step number)."""
