@@ -7,9 +7,10 @@ Measures, in one invocation, on JAX's default backend:
      a slice with a short schedule: the first `--train_limit` training and `--test_limit`
      test images, `--epochs` of training, 2 Neural Cleanse steps, 1 fine-tuning epoch), as
      (a) one `python -m linfjax.main` process per run, one after another (each a one-run
-     grid), (b) one grid process with `sweep.share=False` (compiled once, every run does
+     grid with `sweep.share=False`, so that it does all its own work, as today), (b) one grid process with `sweep.share=False` (compiled once, every run does
      all its own work), and (c) one grid process as configured by default (each distinct
-     vanilla model trained once). (a) / (c) is the grid's gain; (a) - (b) is what compiling
+     vanilla model trained once). The persistent compilation cache is off on every side
+     (benchmarks/stage_profile.py measures it). (a) / (c) is the grid's gain; (a) - (b) is what compiling
      once and starting once save, and (b) - (c) what sharing saves. Every run's
      results.json is checked to be identical on all three sides;
   2. seconds per training step of `--replicas` models trained one after another
@@ -107,7 +108,8 @@ def grid_against_processes(workdir: str) -> dict[str, float]:
   seconds = {"processes": 0.0}
   for i, name in enumerate(names):
     one_run_grid = " ".join(name.split(","))  # The run's values as one-value axes.
-    seconds["processes"] += timed(_main_command(f"{workdir}/processes", one_run_grid))
+    seconds["processes"] += timed(_main_command(f"{workdir}/processes", one_run_grid,
+                                                "--config.sweep.share=False"))
     print(f"  process {i + 1}/{len(names)}: {seconds['processes']:.1f} s so far", flush=True)
   print(f"{len(names)} separate processes: {seconds['processes']:.1f} s", flush=True)
   seconds["unshared"] = timed(_main_command(f"{workdir}/unshared", axes,
