@@ -11,10 +11,12 @@
   install  `pip install -U "jax[tpu]" -e .` in ~/linfjax on every worker (JAX's TPU command)
   run      linfjax.main --distributed --quiet on all workers at once (`--worker=all`):
            each process runs the grid's runs of shard process_index/process_count into
-           ~/linfjax/WORKDIR on its own worker
+           ~/linfjax/WORKDIR on its own worker (checkpoints process-local, shared pieces in
+           each worker's own WORKDIR/shared/); a worker whose runs failed exits 1, which
+           fails this step
   collect  one scp per worker of its ~/linfjax/WORKDIR into the parent of the local
-           WORKDIR: the workers' runs/<name>/ (each has its own) and grid.json (the same
-           on all) merge into the local WORKDIR
+           WORKDIR: the workers' runs/<name>/ (each has its own), grid.json and shared/
+           (the same content under the same names on all) merge into the local WORKDIR
   report   python -m linfjax.grid_report WORKDIR, here
   delete   gcloud compute tpus tpu-vm delete NAME (gcloud asks to confirm)
 

@@ -209,6 +209,9 @@ def base_config() -> ml_collections.ConfigDict:
   # single device, the measured fastest on CPU (benchmarks/grid.py); with several devices
   # the runs axis is sharded over them, one model per device at a time.
   config.sweep.models_per_device = 1
+  # Work that several runs need (each distinct vanilla model) done once per grid, in
+  # GRID/shared/ (linfjax/shared_work.py); False: every run does all its own work.
+  config.sweep.share = True
   return config
 
 
@@ -404,6 +407,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("sweep.axes", f"must be a string such as 'seed=0,1,2 poison.rate=0.05,0.1', "
           f"got {config.sweep.axes!r}")
   _check_int(config, "sweep.models_per_device", 1)
+  if not isinstance(config.sweep.share, bool):
+    _fail("sweep.share", f"must be True or False, got {config.sweep.share!r}")
 
 
 def _validate_trigger(config: ml_collections.ConfigDict) -> None:

@@ -52,6 +52,10 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
   flags.DEFINE_bool("distributed", False, "Grids on several hosts: "
                     "jax.distributed.initialize(), then each process runs its own shard "
                     "(process_index/process_count).", flag_values=values)
+  flags.DEFINE_string("compile_cache", "", "Directory of JAX's persistent compilation cache, "
+                      "or 'off'; default $LINFJAX_COMPILE_CACHE, else "
+                      "~/.cache/linfjax/jax/<cpu> (linfjax/compile_cache.py).",
+                      flag_values=values)
   flags.DEFINE_integer("verbosity", 0, "Logging detail: -1 warnings only, 0 progress (the "
                        "default), 1 also debug logs and the traceback of a user error.",
                        short_name="v", flag_values=values)
@@ -83,19 +87,21 @@ def _parse(values: flags.FlagValues, argv: Sequence[str]) -> None:
                            f"{type(config).__name__}, not a ConfigDict")
 
 
-def _run(values: flags.FlagValues) -> None:
+def _run(values: flags.FlagValues) -> int:
+  """Runs the job; returns the exit status (1: some runs of this grid process failed)."""
   import jax  # Imported here: --help and command-line mistakes answer without loading JAX.
 
-  from linfjax import grid, pipeline, progress, sweep
+  from linfjax import compile_cache, grid, pipeline, progress, sweep
 
   config = values.config
   bars = not values.quiet and sys.stderr.isatty()
+  logging.info("compilation cache: %s", compile_cache.enable(values.compile_cache) or "off")
   with progress.route_logging():
     if not grid.is_grid(config):
       if values.shard or values.distributed:
         raise errors.UserError("--shard and --distributed need a grid (config.sweep.axes)")
       print(json.dumps(pipeline.run(config, values.workdir, progress=bars), indent=1))
-      return
+      return 0
     shard = grid.parse_shard(values.shard) if values.shard else (0, 1)
     if values.distributed:
       if values.shard:
@@ -103,7 +109,13 @@ def _run(values: flags.FlagValues) -> None:
                                "--shard")
       jax.distributed.initialize()
       shard = (jax.process_index(), jax.process_count())
-    print(json.dumps(sweep.run(config, values.workdir, shard=shard, progress=bars), indent=1))
+    statuses = sweep.run(config, values.workdir, shard=shard, progress=bars)
+  print(json.dumps(statuses, indent=1))
+  failed = sweep.failure_message(statuses, values.workdir)
+  if failed:  # Exit code 1, so SLURM and the launchers see the failure.
+    print(failed, file=sys.stderr)
+    return 1
+  return 0
 
 
 def _report(error: errors.UserError, verbosity: int) -> int:
@@ -116,7 +128,8 @@ def _report(error: errors.UserError, verbosity: int) -> int:
 def cli(argv: Sequence[str]) -> int:
   """Runs the command line `argv` (argv[0] is the program); returns the exit status.
 
-  0: done (or --help); 2: a user error, printed as one line on stderr. A bug raises.
+  0: done (or --help); 1: some runs of a grid process failed (each has its error.json);
+  2: a user error, printed as one line on stderr. A bug raises.
   """
   values = _flag_values(argv)
   if any(arg in HELP_FLAGS for arg in argv[1:]):
@@ -133,7 +146,7 @@ def cli(argv: Sequence[str]) -> int:
       std_logging.getLogger("jax").setLevel(std_logging.WARNING)
     # Orbax logs every save step by step at INFO; keep linfjax's own progress readable.
     logging.get_absl_handler().addFilter(_not_orbax)
-    _run(values)
+    status = _run(values)
   except errors.UserError as error:
     return _report(error, verbosity)
   except OSError as error:
@@ -141,7 +154,7 @@ def cli(argv: Sequence[str]) -> int:
     if user_error is None:
       raise
     return _report(user_error, verbosity)
-  return 0
+  return status
 
 
 def _not_orbax(record) -> bool:

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import checkpoints, data, errors, files, poison, report, triggers
+from linfjax import checkpoints, data, errors, files, poison, report, shared_work, triggers
 from linfjax import progress as progress_lib
 from linfjax.stages import analysis as analysis_stage
 from linfjax.stages import prune as prune_stage
@@ -133,7 +133,8 @@ def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 def make_context(config: ml_collections.ConfigDict, workdir: str, *,
                  progress: bool | progress_lib.Tracker = True,
-                 dataset: data.Dataset | None = None) -> RunContext:
+                 dataset: data.Dataset | None = None,
+                 shared: shared_work.SharedWork | None = None) -> RunContext:
   """Loads the data (unless given), checks the config against it, and builds the trigger.
 
   Raises a UserError (ConfigError, DatasetError, TriggerError) before anything is written.
@@ -154,7 +155,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
                                    "data") from None
   trigger = triggers.from_config(config.trigger, dataset.image_shape)
   return RunContext(config=config, workdir=workdir, dataset=dataset, split=split,
-                    trigger=trigger, progress=progress)
+                    trigger=trigger, progress=progress, shared=shared)
 
 
 def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict[str, float]:
@@ -223,7 +224,8 @@ def check_trained_models(ctx: RunContext, pending: list[str]) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         progress: bool | progress_lib.Tracker = True,
-        dataset: data.Dataset | None = None) -> dict:
+        dataset: data.Dataset | None = None,
+        shared: shared_work.SharedWork | None = None) -> dict:
   """Validates the config, then runs every unfinished stage; returns results.json's content.
 
   Nothing is written until the config, the workdir, the data and the checkpoints that the
@@ -232,7 +234,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   (say, a diverging loss) ends the run before its first stage finished, so the fixed
   command can rerun into it. `dataset`, when given, is `config.data` already loaded (a
   grid loads it once). `progress` is a flag, or the grid's Tracker (linfjax/progress.py)
-  this run's stages report to.
+  this run's stages report to. `shared`, a grid's shared pieces, which stages read or
+  compute once for all its runs.
   """
   config_lib.validate(config)
   check_workdir(config, workdir)
@@ -245,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("report: writing %s", os.path.join(workdir, report.REPORT_FILE))
     report.write_report(workdir)
     return results
-  ctx = make_context(config, workdir, progress=progress, dataset=dataset)
+  ctx = make_context(config, workdir, progress=progress, dataset=dataset, shared=shared)
   check_trained_models(ctx, pending)
   fresh = not os.path.exists(workdir)
   prepare_workdir(config, workdir)

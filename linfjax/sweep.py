@@ -4,6 +4,8 @@ The grid directory holds:
   grid.json            the axes and the runs (names and values), rewritten on every start;
   runs/<name>/         one complete single-run directory per run (linfjax/pipeline.py), so
                        every single-run tool and report works on it;
+  shared/              work that several runs need, done once (linfjax/shared_work.py): the
+                       vanilla models, keyed by seed, data, model and recipe;
   runs/<name>/error.json  the error of a run's last failed attempt (removed on success);
   grid.csv, aggregates.csv, figures/, grid_report.html   the grid report (grid_report.py).
 
@@ -16,11 +18,13 @@ the pending runs' models are first trained in lockstep over a device mesh
 (linfjax/lockstep.py) and the runs then find them trained (their train/metrics.json then
 has no per-epoch log: the grid's log has it). A failed run is recorded and
 the others go on; a rerun does only the unfinished runs. `shard=(i, n)` keeps runs
-i, i+n, ...: several processes or hosts share a grid, each writing only its own runs.
+i, i+n, ...: several processes or hosts share a grid, each writing only its own runs (and
+the shared pieces it is the first to need; the others wait for those, or read them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -32,13 +36,17 @@ import tqdm
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import data, files, grid, grid_report, lockstep, pipeline, train
+from linfjax import data, files, grid, grid_report, lockstep, pipeline, shared_work, train
 from linfjax import progress as progress_lib
 from linfjax.stages import train as train_stage
 
 
 def run_dir(workdir: str, run: grid.Run) -> str:
   return os.path.join(workdir, "runs", run.name)
+
+
+def shared_dir(workdir: str) -> str:
+  return os.path.join(workdir, "shared")
 
 
 def error_path(workdir: str, run: grid.Run) -> str:
@@ -73,11 +81,14 @@ def _check_runs(workdir: str, runs: list[grid.Run], datasets: dict[str, data.Dat
 
 
 def _train_signature(config: ml_collections.ConfigDict) -> str:
-  """Runs whose models can train in lockstep: same data, model and recipe."""
-  return json.dumps([json.loads(config[block].to_json()) for block in ("data", "model", "train")])
+  """Runs whose models can train in lockstep: same data, model and recipe, and a trigger of
+  the same kind (triggers of different kinds are different pytrees, which do not stack)."""
+  return json.dumps([json.loads(config[block].to_json()) for block in ("data", "model", "train")]
+                    + [config.trigger.kind])
 
 
-def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device: int,
+def _lockstep_train(workdir: str, runs: list[grid.Run], datasets,
+                    shared: shared_work.SharedWork | None, *, per_device: int,
                     progress: bool) -> None:
   """Trains the unfinished models of `runs` together, group by group, into their stores.
 
@@ -88,13 +99,23 @@ def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device:
   mesh = lockstep.make_mesh()
   group_size = mesh.devices.size * per_device
   groups: dict[tuple, list] = {}
+  seen_pieces = set()
   for run in runs:
     if "train" not in run.config.stages:
       continue
     for kind in train_stage.MODEL_KINDS:
-      done = train_stage.epochs_done(run_dir(workdir, run), kind)
+      piece = None
+      if kind == "vanilla" and shared is not None:  # Each distinct vanilla model once.
+        piece = shared.piece(train_stage.VANILLA_PIECE,
+                             train_stage.vanilla_dependencies(run.config))
+        if piece.done or piece.key in seen_pieces:
+          continue
+        seen_pieces.add(piece.key)
+        done = train_stage.epochs_done(train_stage.shared_checkpoint_dir(piece))
+      else:
+        done = train_stage.epochs_done(train_stage.checkpoint_dir(run_dir(workdir, run), kind))
       if done < run.config.train.epochs:
-        groups.setdefault((_train_signature(run.config), done), []).append((run, kind))
+        groups.setdefault((_train_signature(run.config), done), []).append((run, kind, piece))
   for members in groups.values():
     for first in range(0, len(members), group_size):
       chunk = members[first:first + group_size]
@@ -102,30 +123,44 @@ def _lockstep_train(workdir: str, runs: list[grid.Run], datasets, *, per_device:
         _train_group(workdir, chunk, datasets, mesh, progress=progress)
       except Exception:  # The runs retry on their own and record what fails.
         logging.exception("grid: lockstep training of %s failed; the runs will train alone",
-                          ", ".join(f"{run.name}/{kind}" for run, kind in chunk))
+                          ", ".join(f"{run.name}/{kind}" for run, kind, _ in chunk))
 
 
 def _train_group(workdir: str, members: list, datasets, mesh, *, progress: bool) -> None:
+  """Trains `members` ((run, kind, shared piece or None)) in lockstep; shared pieces that
+  another process holds or finished are left out (the runs read them later)."""
+  with contextlib.ExitStack() as claims:
+    members = [(run, kind, piece) for run, kind, piece in members
+               if piece is None or (claims.enter_context(piece.claim(wait=False))
+                                    and not piece.done)]
+    if members:
+      _train_claimed(workdir, members, datasets, mesh, progress=progress)
+
+
+def _train_claimed(workdir: str, members: list, datasets, mesh, *, progress: bool) -> None:
   plans, contexts = [], {}
-  for run, kind in members:
+  epoch_logs = [[] for _ in members]
+  for run, kind, piece in members:
     if run.name not in contexts:
       ctx = pipeline.make_context(run.config, run_dir(workdir, run), progress=False,
                                   dataset=_dataset(datasets, run))
       pipeline.prepare_workdir(run.config, run_dir(workdir, run))
       contexts[run.name] = (ctx, train_stage.training_sets(ctx))
     ctx, sets = contexts[run.name]
-    plans.append(train_stage.plan(ctx, kind, sets[kind]))
+    directory = None if piece is None else train_stage.shared_checkpoint_dir(piece)
+    plans.append(train_stage.plan(ctx, kind, sets[kind], directory=directory))
   recipe = train.Recipe.from_config(members[0][0].config.train)
   start_epoch = plans[0].start_epoch
   steps = train.steps_per_epoch(plans[0].data.labels.shape[0], recipe.batch_size)
   logging.info("grid: training %d models in lockstep over %d devices: %s", len(members),
-               mesh.devices.size, ", ".join(f"{run.name}/{kind}" for run, kind in members))
+               mesh.devices.size, ", ".join(f"{run.name}/{kind}" for run, kind, _ in members))
   bar = tqdm.tqdm(total=(recipe.epochs - start_epoch) * steps, unit="step",
                   desc=f"lockstep x{len(members)}", disable=not progress, leave=False)
 
   def on_epoch_end(epoch, states, epoch_metrics):
-    for model_plan, state in zip(plans, states):
+    for model_plan, state, log, metrics in zip(plans, states, epoch_logs, epoch_metrics):
       model_plan.store.save(epoch + 1, state)
+      log.append({"epoch": epoch + 1, **metrics})
     logging.info("grid: lockstep epoch %d/%d, mean loss %.4f", epoch + 1, recipe.epochs,
                  sum(m["loss"] for m in epoch_metrics) / len(epoch_metrics))
 
@@ -137,6 +172,9 @@ def _train_group(workdir: str, members: list, datasets, mesh, *, progress: bool)
     bar.close()
     for model_plan in plans:
       model_plan.store.close()
+  for (_, _, piece), log in zip(members, epoch_logs):
+    if piece is not None:
+      piece.mark_done({"epochs": log, "lockstep": True})
 
 
 def _record_failure(workdir: str, run: grid.Run, error: Exception) -> None:
@@ -144,6 +182,17 @@ def _record_failure(workdir: str, run: grid.Run, error: Exception) -> None:
   files.write_json(error_path(workdir, run), {
       "error": type(error).__name__, "message": str(error),
       "traceback": traceback.format_exc(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def failure_message(statuses: dict[str, str], workdir: str) -> str | None:
+  """What a grid process says on exit when some of its runs failed; None when none did."""
+  failed = [name for name, status in statuses.items() if status == "failed"]
+  if not failed:
+    return None
+  shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+  return (f"grid: {len(failed)} of {len(statuses)} runs of this process failed ({shown}); "
+          f"each has its error in {os.path.join(workdir, 'runs', '<name>', 'error.json')}, "
+          "and rerunning the same command retries them")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, int] = (0, 1),
@@ -167,8 +216,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, in
   logging.info("grid: %d runs, %d in shard %d/%d, %d unfinished", len(runs), len(mine),
                shard_index, shard_count, len(pending))
   per_device = config.sweep.models_per_device
+  shared = shared_work.SharedWork(shared_dir(workdir)) if config.sweep.share else None
   if pending and (len(jax.local_devices()) > 1 or per_device > 1):
-    _lockstep_train(workdir, pending, datasets, per_device=per_device, progress=progress)
+    _lockstep_train(workdir, pending, datasets, shared, per_device=per_device,
+                    progress=progress)
   pending_names = {r.name for r in pending}
   statuses = {r.name: "finished" for r in mine if r.name not in pending_names}
   started = time.perf_counter()
@@ -180,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, shard: tuple[int, in
     logging.info("grid: running %s (%d of %d unfinished)", run_item.name, done + 1, len(pending))
     try:
       pipeline.run(run_item.config, run_dir(workdir, run_item), progress=tracker,
-                   dataset=_dataset(datasets, run_item))
+                   dataset=_dataset(datasets, run_item), shared=shared)
     except Exception as error:  # One run's failure must not stop the grid.
       logging.exception("grid: run %s failed", run_item.name)
       _record_failure(workdir, run_item, error)

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from linfjax import data, models, progress as progress_lib, triggers
+from linfjax import data, models, progress as progress_lib, shared_work, triggers
 
 
 @dataclasses.dataclass
 class RunContext:
-  """One run's shared inputs. Stages read from it and write under `stage_dir(name)`."""
+  """One run's inputs. Stages read from it and write under `stage_dir(name)`."""
   config: ml_collections.ConfigDict
   workdir: str
   dataset: data.Dataset
@@ -23,6 +23,9 @@ class RunContext:
   # Stage bars come from `progress.bar(...)` (linfjax/progress.py); a bool is turned into a
   # Tracker with that `enabled`. Falsy when bars are off.
   progress: progress_lib.Tracker | bool = True
+  # A grid's shared pieces (linfjax/shared_work.py): stages compute what several runs
+  # need once there; None for a run on its own, which computes everything itself.
+  shared: shared_work.SharedWork | None = None
 
   def __post_init__(self):
     if not isinstance(self.progress, progress_lib.Tracker):

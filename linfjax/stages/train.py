@@ -7,6 +7,12 @@ Writes under `WORKDIR/train/`:
   backdoored/, vanilla/  orbax checkpoints, one per finished epoch;
   metrics.json         per-epoch loss/accuracy, seconds per model, final CA/ASR/RA.
 Returns the `train` entry of results.json (METHOD.md, "Results file").
+
+In a grid (`ctx.shared` set), the vanilla model is a shared piece (linfjax/shared_work.py)
+keyed by `vanilla_dependencies`: the first run that needs it trains it into the grid's
+`shared/vanilla_model/<key>/checkpoints/`, every run copies the final checkpoint into its
+own `train/vanilla/` (so its directory stays a complete single run), and its CA/ASR/RA are
+evaluated per run (the ASR depends on the run's trigger and target).
 """
 
 from __future__ import annotations
@@ -22,6 +28,29 @@ from linfjax import checkpoints, files, metrics, models, poison, train, triggers
 from linfjax.stages.context import RunContext
 
 MODEL_KINDS = ("backdoored", "vanilla")
+VANILLA_PIECE = "vanilla_model"
+
+
+def vanilla_dependencies(config) -> dict:
+  """The config values that the vanilla model depends on, and no others.
+
+  The seed (initialisation, shuffles, augmentation, and the clean set S held out of
+  training), the data block, the model block and the training recipe; not the trigger,
+  the poisoning, Neural Cleanse or pruning, nor the evaluation batch size.
+  """
+  recipe = json.loads(config.train.to_json())
+  recipe.pop("eval_batch_size", None)
+  return {"seed": config.seed, "data": json.loads(config.data.to_json()),
+          "model": json.loads(config.model.to_json()), "train": recipe}
+
+
+def vanilla_piece(ctx: RunContext):
+  """The grid's shared vanilla model for this run (`ctx.shared` must be set)."""
+  return ctx.shared.piece(VANILLA_PIECE, vanilla_dependencies(ctx.config))
+
+
+def shared_checkpoint_dir(piece) -> str:
+  return piece.path("checkpoints")
 
 
 def training_sets(ctx: RunContext) -> dict[str, poison.PoisonedSet]:
@@ -50,9 +79,9 @@ def checkpoint_dir(workdir: str, kind: str) -> str:
   return os.path.join(workdir, "train", kind)
 
 
-def epochs_done(workdir: str, kind: str) -> int:
-  """Epochs of the `kind` model saved in `workdir` (0 before the first)."""
-  store = checkpoints.StageCheckpoints(checkpoint_dir(workdir, kind))
+def epochs_done(directory: str) -> int:
+  """Epochs of the model checkpointed in `directory` (0 before the first)."""
+  store = checkpoints.StageCheckpoints(directory)
   done = store.latest_step() or 0
   store.close()
   return done
@@ -90,9 +119,11 @@ class ModelPlan:
   start_epoch: int
 
 
-def plan(ctx: RunContext, kind: str, training_set: poison.PoisonedSet) -> ModelPlan:
+def plan(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, *,
+         directory: str | None = None) -> ModelPlan:
+  """The plan of the `kind` model, checkpointed in `directory` (default: the run's own)."""
   model, state = _initial_state(ctx, len(training_set.labels))
-  store = checkpoints.StageCheckpoints(checkpoint_dir(ctx.workdir, kind))
+  store = checkpoints.StageCheckpoints(directory or checkpoint_dir(ctx.workdir, kind))
   start_epoch = store.latest_step() or 0
   if start_epoch:
     state = store.restore(state)
@@ -101,9 +132,10 @@ def plan(ctx: RunContext, kind: str, training_set: poison.PoisonedSet) -> ModelP
                    start_epoch)
 
 
-def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, log: dict):
+def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, log: dict, *,
+                 directory: str | None = None):
   cfg = ctx.config.train
-  model_plan = plan(ctx, kind, training_set)
+  model_plan = plan(ctx, kind, training_set, directory=directory)
   store, start_epoch = model_plan.store, model_plan.start_epoch
   if start_epoch:
     logging.info("train/%s: resuming after epoch %d of %d", kind, start_epoch, cfg.epochs)
@@ -129,6 +161,28 @@ def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, l
   return model_plan.model, train.variables(state)
 
 
+def _shared_vanilla(ctx: RunContext, training_set: poison.PoisonedSet, log: dict):
+  """The grid's vanilla model for this run: trained here unless another run did, then its
+  final checkpoint copied into this run's `train/vanilla/`."""
+  piece = vanilla_piece(ctx)
+  with piece.claim():
+    computed_here = not piece.done
+    if computed_here:
+      piece_log = {}
+      _train_model(ctx, "vanilla", training_set, piece_log,
+                   directory=shared_checkpoint_dir(piece))
+      piece.mark_done(piece_log)
+  log.update(piece.summary(), shared=piece.directory, trained_by_this_run=computed_here)
+  if not computed_here:
+    logging.info("train/vanilla: shared with earlier runs of the grid (%s)", piece.directory)
+  shared_store = checkpoints.StageCheckpoints(shared_checkpoint_dir(piece))
+  own_store = checkpoints.StageCheckpoints(checkpoint_dir(ctx.workdir, "vanilla"))
+  shared_store.copy_latest_to(own_store)
+  shared_store.close()
+  own_store.close()
+  return load_trained(ctx, "vanilla")
+
+
 def run(ctx: RunContext) -> dict:
   cfg = ctx.config
   stage_dir = ctx.stage_dir("train")
@@ -141,7 +195,10 @@ def run(ctx: RunContext) -> dict:
   result, log = {}, {}
   for kind in MODEL_KINDS:
     log[kind] = {}
-    model, variables = _train_model(ctx, kind, sets[kind], log[kind])
+    if kind == "vanilla" and ctx.shared is not None:
+      model, variables = _shared_vanilla(ctx, sets[kind], log[kind])
+    else:
+      model, variables = _train_model(ctx, kind, sets[kind], log[kind])
     result[kind] = metrics.evaluate(
         model.apply, variables, ctx.dataset.test_images, ctx.dataset.test_labels, ctx.trigger,
         target=cfg.poison.target, mode=cfg.poison.mode, num_classes=ctx.dataset.num_classes,
