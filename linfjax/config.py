@@ -164,8 +164,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.reverse.success_images = 0
   config.reverse.early_stop_threshold = 1.0  # Stalled: best norm >= this x the earlier best.
   config.reverse.early_stop_patience = 400  # Stalled Adam updates before a class stops (NC: 25 steps).
-  config.reverse.statistic = "nc"  # Anomaly index on the norms ("nc") or their logs ("log").
-  config.reverse.anomaly_threshold = 2.0  # Anomaly index above which a class is flagged.
+  # The outlier index (linfjax/outliers.py): NC's MAD index ("nc"), the same on log norms
+  # ("log"), or median norm / class norm ("ratio", ours; README "Defaults we chose").
+  config.reverse.statistic = "ratio"
+  # The index above which a class is flagged; 0: the statistic's own (nc and log: NC's 2;
+  # ratio: 3, ours).
+  config.reverse.anomaly_threshold = 0.0
   config.reverse.checkpoint_every = 10  # Ours: steps between checkpoints.
 
   # The lp-based pruning defense and Fine-Pruning (linfjax/prune.py, METHOD.md).
@@ -399,7 +403,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_range(config, "reverse.early_stop_threshold", 0.0, 1.0, low_open=True)
   _check_int(config, "reverse.early_stop_patience", 1)
   _check_choice(config, "reverse.statistic", REVERSE_STATISTICS)
-  _check_range(config, "reverse.anomaly_threshold", 0.0, 100.0, low_open=True)
+  _check_range(config, "reverse.anomaly_threshold", 0.0, 100.0)
   _check_int(config, "reverse.checkpoint_every", 1)
 
   _validate_prune(config)

@@ -3,14 +3,17 @@
 Neural Cleanse's anomaly index of class `c` is `|n_c - median(n)| / (1.4826 * MAD(n))` over
 the classes' mask norms `n` (METHOD.md, "Synthetic trigger"); only classes below the median
 can be flagged, and the flagged target is the one of smallest norm among those whose index
-exceeds the threshold (2). Two choices here are ours:
+exceeds the threshold (2). Choices here that are ours:
   - a class whose reverse engineering never reached the attack-success threshold has no
     trigger, only an unregularised mask: it is left out of the median and the MAD and can be
     neither flagged nor suspected;
-  - `STATISTICS` names the scale the index is computed on: "nc" the norms themselves
-    (Neural Cleanse), "log" their logarithms, which treats a mask 3x smaller than the
-    median the same whatever the median (README, "Defaults we chose", has the measurements
-    behind the default).
+  - `STATISTICS` offers other indices beside NC's: "log", NC's index on the logarithms of
+    the norms, and "ratio", `median(n) / n_c`, how many times smaller than the median a
+    mask is. With ten classes the MAD is itself noisy: the classes' natural minimal triggers
+    differ by a factor of two or three (vehicles against animals), so a spread-out model
+    hides a clear outlier and a tight one inflates a small deviation. The ratio measures the
+    effect size alone; README "Defaults we chose" has the measurements behind the default.
+    Each statistic has its own default threshold (`Statistic.default_threshold`).
 Whether or not a class is flagged, the *suspect* is the class of smallest norm among those
 that succeeded: the defender's best guess, whose trigger the defense uses.
 
@@ -31,11 +34,6 @@ from jax.typing import ArrayLike
 
 # Median absolute deviation to standard deviation, for normally distributed values.
 MAD_CONSISTENCY = 1.4826
-# The scale each statistic measures the norms on.
-STATISTICS: dict[str, Callable[[ArrayLike], ArrayLike]] = {
-    "nc": lambda norms: norms,
-    "log": jnp.log,
-}
 # Fewer classes than this that succeeded give no median worth testing against.
 MIN_CLASSES = 3
 
@@ -61,6 +59,34 @@ def anomaly_index(norms: ArrayLike, valid: ArrayLike | None = None) -> jnp.ndarr
   return jnp.where(mad > 0, deviation / safe_mad, jnp.where(deviation > 0, jnp.inf, 0.0))
 
 
+def median_ratio(norms: ArrayLike, valid: ArrayLike | None = None) -> np.ndarray:
+  """`median(n) / n_c` over the `valid` classes: how many times smaller than the median each
+  norm is; NaN for the other classes. [K] float64."""
+  norms = np.asarray(norms, np.float64)
+  valid = np.ones(norms.shape, bool) if valid is None else np.asarray(valid, bool)
+  ratio = np.median(norms[valid]) / np.maximum(norms, np.finfo(np.float64).tiny)
+  return np.where(valid, ratio, np.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistic:
+  """An outlier index over mask norms and the threshold a class must exceed by default."""
+  index: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (norms [K], valid [K]) -> [K]
+  default_threshold: float
+
+
+STATISTICS: dict[str, Statistic] = {
+    # Neural Cleanse's anomaly index and its threshold.
+    "nc": Statistic(lambda norms, valid: np.asarray(anomaly_index(norms, valid), np.float64),
+                    2.0),
+    # The same index on log norms (ours): scale-free, still divided by the MAD.
+    "log": Statistic(lambda norms, valid: np.asarray(anomaly_index(
+        np.log(np.maximum(norms, 1e-12)), valid), np.float64), 2.0),
+    # The effect size (ours): a flagged mask is over 3 times smaller than the median.
+    "ratio": Statistic(median_ratio, 3.0),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Detection:
   """One model's verdict.
@@ -78,7 +104,7 @@ class Detection:
 
 
 def detect(norms: ArrayLike, succeeded: ArrayLike, *, statistic: str = "nc",
-           threshold: float = 2.0) -> Detection:
+           threshold: float | None = None) -> Detection:
   """Flags the class whose mask norm is an outlier below the median, and names the suspect.
 
   Args:
@@ -86,20 +112,23 @@ def detect(norms: ArrayLike, succeeded: ArrayLike, *, statistic: str = "nc",
     succeeded: [K] bool, the classes whose reverse engineering reached the attack-success
       threshold; only they enter the statistics and can be flagged or suspected.
     statistic: a STATISTICS name.
-    threshold: the index a class must exceed to be flagged.
+    threshold: the index a class must exceed to be flagged; None: the statistic's default.
   """
   if statistic not in STATISTICS:
     raise ValueError(f"unknown statistic {statistic!r}; known: {', '.join(STATISTICS)}")
+  chosen = STATISTICS[statistic]
+  threshold = chosen.default_threshold if threshold is None else threshold
   norms = np.asarray(norms, np.float64)
   succeeded = np.asarray(succeeded, bool)
-  enough = succeeded.sum() >= MIN_CLASSES
-  nc_index = np.asarray(anomaly_index(norms, succeeded), np.float64)
-  index = np.asarray(anomaly_index(STATISTICS[statistic](np.maximum(norms, 1e-12)), succeeded),
-                     np.float64)
+  nc_index = STATISTICS["nc"].index(norms, succeeded)
+  index = chosen.index(norms, succeeded)
   suspect = None
   if succeeded.any():
     suspect = int(np.flatnonzero(succeeded)[np.argmin(norms[succeeded])])
-  below = succeeded & (norms < np.median(norms[succeeded])) if enough else np.zeros_like(succeeded)
+  if succeeded.sum() >= MIN_CLASSES:
+    below = succeeded & (norms < np.median(norms[succeeded]))
+  else:
+    below = np.zeros_like(succeeded)
   candidates = np.flatnonzero(below & (np.nan_to_num(index, nan=0.0) > threshold))
   flagged = int(candidates[np.argmin(norms[candidates])]) if len(candidates) else None
   return Detection(statistic, index, nc_index, flagged, flagged if flagged is not None else suspect)

@@ -17,6 +17,8 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+from linfjax import outliers
+
 REPORT_FILE = "report.html"
 STAGE_SECTIONS = (("train", "Training"), ("reverse", "Reverse engineering (Neural Cleanse)"),
                   ("analysis", "Activation norms and Grad-CAM"),
@@ -98,7 +100,9 @@ def _verdict(values: dict) -> str:
 def _reverse_section(entry: dict, config: dict, results: dict) -> str:
   del results
   statistic = config.get("reverse", {}).get("statistic", "nc")
-  threshold = config.get("reverse", {}).get("anomaly_threshold", "-")
+  threshold = config.get("reverse", {}).get("anomaly_threshold") or (
+      outliers.STATISTICS[statistic].default_threshold if statistic in outliers.STATISTICS
+      else "-")
   parts = [f"<p>Backdoored model: <b>{_escape(_verdict(entry))}</b>. A class is flagged when "
            f"its anomaly index on the <code>{_escape(statistic)}</code> scale exceeds "
            f"{_escape(threshold)} with its mask norm below the median; whether or not one is, "

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import pipeline, poison, train, triggers
+from linfjax import pipeline, train, triggers
 from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
 

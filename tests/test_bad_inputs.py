@@ -507,8 +507,8 @@ def test_non_finite_loss_stops_in_one_line_and_leaves_no_workdir(capsys, data_di
                                                                   monkeypatch):
   real = train_lib.compiled_step
 
-  def diverging(padding, flip):
-    step = real(padding, flip)
+  def diverging(*settings):
+    step = real(*settings)
 
     def wrapped(state, *args):
       state, metrics = step(state, *args)

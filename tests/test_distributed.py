@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 from linfjax import pipeline
 from test_pipeline import tiny_config

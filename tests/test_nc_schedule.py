@@ -59,7 +59,7 @@ def test_schedule_matches_neural_cleanse_step_by_step(reset_cost_to_zero):
   np.testing.assert_allclose(float(state.cost), 0.0 if reset_cost_to_zero else 1e-3, rtol=1e-6)
   step_fn = jax.jit(lambda state, success, l1, mask: nc_schedule.after_step(
       state, s, success=success, l1=l1, mask=mask, pattern=pattern))
-  costs, stopped_at, best_mask_value = [], None, None
+  costs, stopped_at = [], None
   for step, (success, norm) in enumerate(zip(successes, norms)):
     state = step_fn(state, jnp.float32(success), jnp.float32(norm), jnp.full((4, 4), step / 100))
     if bool(state.stopped):

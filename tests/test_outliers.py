@@ -71,5 +71,19 @@ def test_zero_mad():
 
 
 def test_unknown_statistic():
-  with pytest.raises(ValueError, match="unknown statistic 'z'; known: nc, log"):
+  with pytest.raises(ValueError, match="unknown statistic 'z'; known: nc, log, ratio"):
     outliers.detect(np.ones(10), np.ones(10, bool), statistic="z")
+
+
+def test_ratio_statistic_is_the_median_over_the_norm_with_its_own_threshold():
+  norms = np.array([30, 60, 45, 150, 170, 200, 190, 55, 70, 65], np.float64)
+  succeeded = np.ones(10, bool)
+  succeeded[4] = False  # 170 leaves the median: 65 of the other nine.
+  detection = outliers.detect(norms, succeeded, statistic="ratio")
+  expected = np.where(succeeded, 65.0 / norms, np.nan)
+  np.testing.assert_allclose(detection.index, expected)
+  assert detection.flagged is None and detection.suspect == 0  # 65 / 30 = 2.17 < 3.
+  norms[0] = 20.0  # 3.25 times below the median.
+  assert outliers.detect(norms, succeeded, statistic="ratio").flagged == 0
+  assert outliers.detect(norms, succeeded, statistic="ratio", threshold=3.5).flagged is None
+  assert outliers.STATISTICS["nc"].default_threshold == 2.0

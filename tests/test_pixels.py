@@ -68,7 +68,6 @@ def test_gradcam_gives_the_same_maps_for_uint8_pixels_and_their_floats():
 
 def test_metrics_accept_float_images_without_dividing_twice():
   images = _uint8_images(n=6)
-  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
   trigger = triggers.patch((8, 8, 3), size=2, row=0, col=0, pattern=np.ones((2, 2, 3)))
 
   def apply_fn(variables, x):  # Class = which third of [0, 1] the mean pixel falls in.

@@ -143,7 +143,8 @@ def test_stage_flags_the_backdoor_writes_the_trigger_and_resumes(cifar_dir, tmp_
 
   straight = run_stage(tmp_path / "straight")
   assert straight["flagged"] == straight["suspect"] == 6 and len(straight["anomaly_index"]) == 10
-  keys = {"flagged", "suspect", "anomaly_index", "log_index", "mask_l1", "succeeded"}
+  keys = {"flagged", "suspect", "anomaly_index", "log_index", "ratio_index", "mask_l1",
+          "succeeded"}
   assert set(straight) == keys | {"vanilla"} and set(straight["vanilla"]) == keys
   assert straight["vanilla"]["flagged"] is None
   vanilla_l1 = straight["vanilla"]["mask_l1"]

@@ -27,7 +27,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -181,11 +180,11 @@ def _json_floats(values) -> list:
 def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict, outliers.Detection]:
   """Writes one model's arrays and figure; returns its results entry and verdict."""
   cfg = ctx.config.reverse
+  threshold = cfg.anomaly_threshold or outliers.STATISTICS[cfg.statistic].default_threshold
   detection = outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=cfg.statistic,
-                              threshold=cfg.anomaly_threshold)
-  others = {name: outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=name,
-                                  threshold=cfg.anomaly_threshold).index
-            for name in outliers.STATISTICS if name != "nc"}
+                              threshold=threshold)
+  others = {name: statistic.index(outcome.mask_l1, outcome.succeeded)
+            for name, statistic in outliers.STATISTICS.items() if name != "nc"}
   kind_dir = os.path.join(ctx.stage_dir(STAGE), kind)
   files.write_npz(os.path.join(kind_dir, "triggers.npz"), masks=outcome.masks,
                   patterns=outcome.patterns, mask_l1=outcome.mask_l1,
@@ -203,7 +202,7 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict
   largest = np.nanmax(np.where(outcome.mask_l1 <= np.median(outcome.mask_l1), detection.index,
                                np.nan), initial=0.0)
   logging.info("reverse/%s: %s (%s index: largest below the median %.2f, threshold %.2f)",
-               kind, verdict, cfg.statistic, largest, cfg.anomaly_threshold)
+               kind, verdict, cfg.statistic, largest, threshold)
   entry = {"flagged": detection.flagged, "suspect": detection.suspect,
            "anomaly_index": _json_floats(detection.nc_index),
            **{f"{name}_index": _json_floats(index) for name, index in others.items()},

@@ -18,6 +18,7 @@ evaluated per run (the ASR depends on the run's trigger and target).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
