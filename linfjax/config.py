@@ -39,6 +39,8 @@ PRUNE_SCORES = ("shift", "triggered")
 PRUNE_LEVEL_UNITS = ("fraction", "count")
 FINE_PRUNING_LEVELS = ("ca_drop", "defender_asr")
 MULTI_LAYER_RANKINGS = prune_lib.MULTI_LAYER_RANKINGS
+# Baseline defenses the prune stage can run beside the lp methods (linfjax/baselines/).
+PRUNE_BASELINES = ("anp", "clp", "nc_unlearning")
 
 # Named trigger settings: what configs/cifar_{patch,blend,sig,wanet}.py use, and what a
 # grid axis `trigger=patch,blend,sig,wanet` sets (linfjax/grid.py). Each sets how the
@@ -205,6 +207,15 @@ def base_config() -> ml_collections.ConfigDict:
                                      0.12, 0.15, 0.2, 0.25, 0.3)
   # Ours: masks vmapped together in a sweep call (chunks bound memory; 8 was fastest on CPU).
   config.prune.mask_batch = 8
+  # Baselines beside the lp methods (linfjax/baselines/), for the synthetic trigger's entry:
+  # any of "anp", "clp", "nc_unlearning"; none by default (configs/grid_attacks.py runs all).
+  config.prune.baselines = ()
+  config.prune.anp_iterations = 2000  # ANP's mask updates on S (the authors' 2000).
+  config.prune.anp_threshold = 0.2  # ANP prunes neurons whose mask ends at or below this.
+  config.prune.clp_u = 3.0  # CLP prunes channels above mean + u * std of their layer.
+  # Neural Cleanse unlearning: the share of S stamped with the synthetic trigger (NC's 0.2);
+  # epochs, learning rate and batch are the fine_tune_* fields.
+  config.prune.unlearning_share = 0.2
 
   # A grid of runs (linfjax/grid.py, linfjax/sweep.py); empty axes: a single run.
   config.sweep = ml_collections.ConfigDict()
@@ -244,6 +255,9 @@ def make_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.reverse.checkpoint_every = 4
   # Ours: keeps the prune stage, fine-tuning included, near a minute on 2 CPU cores.
   config.prune.fine_tune_epochs = 2
+  # Ours: ANP at a tenth of the authors' 2000 updates (still ~50 passes over S), about
+  # 0.8 s an update on 2 loaded CPU cores; only runs that list it in prune.baselines.
+  config.prune.anp_iterations = 200
   return config
 
 
@@ -487,6 +501,14 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
   _check_int(config, "prune.mask_batch", 1)
   _check_range(config, "prune.fine_tune_learning_rate", 0.0, 10.0, low_open=True)
   _check_choice(config, "prune.fine_pruning_level", FINE_PRUNING_LEVELS)
+  baselines = tuple(prune.baselines)
+  if len(set(baselines)) != len(baselines) or not set(baselines) <= set(PRUNE_BASELINES):
+    _fail("prune.baselines", f"must be distinct names from {', '.join(PRUNE_BASELINES)}, "
+          f"got {baselines!r}")
+  _check_int(config, "prune.anp_iterations", 1)
+  _check_range(config, "prune.anp_threshold", 0.0, 1.0)
+  _check_range(config, "prune.clp_u", 0.0, 100.0)
+  _check_range(config, "prune.unlearning_share", 0.0, 1.0, low_open=True)
   _check_choice(config, "prune.multi_layer", ("",) + MULTI_LAYER_RANKINGS)
   if prune.multi_layer:
     known = models.layer_names(models.create(config.model.name, num_classes=1,

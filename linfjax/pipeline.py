@@ -175,13 +175,19 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
               + min(reverse.success_images, clean_set))
   prune = config.prune
   layer_norms = len(prune.multi_layer_norms) if prune.multi_layer else 0
+  baselines = set(prune.baselines)
   tuned = (int(prune.fine_pruning) + int(prune.fine_tuning_control)
+           + int("nc_unlearning" in baselines)
            + (len(prune.norms) + layer_norms if prune.fine_tune else 0))
-  evaluated = tuned + layer_norms  # Models evaluated one by one on both splits.
+  # Models evaluated one by one on both splits.
+  evaluated = tuned + layer_norms + len(baselines - {"nc_unlearning"})
   sweeps = sources * (test + clean_set) * 2 + int(prune.fine_pruning) * (test + clean_set) * 2
+  # The extensions and baselines run for the synthetic source only.
   extensions = ((test + clean_set) * 2 * evaluated
                 + layer_norms * (len(prune.multi_layer_levels) + 1) * clean_set * 2
-                + tuned * prune.fine_tune_epochs * clean_set * 3.0)  # Synthetic source only.
+                + tuned * prune.fine_tune_epochs * clean_set * 3.0
+                # ANP: a perturbation step and a mask step per batch.
+                + int("anp" in baselines) * prune.anp_iterations * 128 * 6.0)
   return {
       "train": models * train_steps * config.train.batch_size * 3.0,
       "reverse": models * reverse.steps * per_step * dataset.num_classes,

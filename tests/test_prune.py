@@ -14,6 +14,7 @@ import pytest
 
 from linfjax import config as config_lib
 from linfjax import finetune, metrics, models, pipeline, prune, triggers
+from linfjax.baselines import anp, clp, unlearning
 from linfjax.stages import prune as prune_stage
 from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
@@ -54,6 +55,10 @@ def test_level_counts_from_fractions_and_counts():
     ("score", "max", "config.prune.score: unknown value 'max'"),
     ("tau", 101.0, "config.prune.tau: 101.0 is outside [0.0, 100.0]"),
     ("fine_tune_epochs", 0, "config.prune.fine_tune_epochs: must be an integer >= 1"),
+    ("baselines", ("anp", "nc"), "config.prune.baselines: must be distinct names from anp, clp, "
+                                 "nc_unlearning, got ('anp', 'nc')"),
+    ("anp_iterations", 0, "config.prune.anp_iterations: must be an integer >= 1"),
+    ("unlearning_share", 0.0, "config.prune.unlearning_share: 0.0 is outside (0.0, 1.0]"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())
@@ -345,3 +350,59 @@ def test_levels_are_chosen_on_the_clean_set_only(cifar_dir, tmp_path, monkeypatc
   assert len(ctx.dataset.test_labels) == 12
   assert chosen[0] == chosen[1]
   assert reported[0] != reported[1]
+
+
+def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, monkeypatch):
+  """ANP, CLP and NC unlearning run for the synthetic trigger only; each entry is its library
+  defense's model evaluated on the test split, and a rerun reuses the saved numbers."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(cifar_dir)
+  config.stages = ("train", "reverse", "prune")
+  config.prune.update(baselines=("anp", "clp", "nc_unlearning"), anp_iterations=3, clp_u=0.5,
+                      anp_threshold=0.9, fine_tune=False, multi_layer="", fine_pruning=False,
+                      fine_tuning_control=False)
+  ctx = pipeline.make_context(config, workdir, progress=False)
+  model = ctx.model()
+  variables = models.init(model, jax.random.key(9), ctx.dataset.image_shape)
+  monkeypatch.setattr(train_stage, "load_trained", lambda ctx, kind: (model, variables))
+  mask = np.zeros((32, 32, 1), np.float32)
+  mask[:3, :3] = 1.0
+  pattern = np.ones((32, 32, 3), np.float32)
+  os.makedirs(os.path.join(workdir, "reverse"), exist_ok=True)
+  np.savez(os.path.join(workdir, "reverse", "synthetic_trigger.npz"), mask=mask,
+           pattern=pattern, target=np.int64(2), flagged=True)
+  result = prune_stage.run(ctx)
+  assert set(result["real"]) == {"linf", "l2", "l1"}
+  synthetic = result["synthetic"]
+  assert set(synthetic) == {"linf", "l2", "l1", "anp", "clp", "nc_unlearning"}
+  s_images, s_labels = ctx.clean_set
+  key = lambda salt: jax.random.fold_in(jax.random.key(config.seed), salt)
+  clp_variables, clp_keep, _ = clp.defend(model, variables, ctx.dataset.image_shape, u=0.5)
+  anp_keep = anp.keep_above(anp.learn_masks(
+      model.apply, variables, s_images, s_labels, key=key(prune_stage.BASELINE_SALTS["anp"]),
+      settings=anp.Settings(iterations=3, padding=config.train.crop_padding,
+                            flip=bool(config.train.flip))), 0.9)
+  recipe = unlearning.Recipe(
+      epochs=config.prune.fine_tune_epochs, learning_rate=config.prune.fine_tune_learning_rate,
+      momentum=config.train.momentum, weight_decay=config.train.weight_decay,
+      batch_size=config.prune.fine_tune_batch_size, padding=config.train.crop_padding,
+      flip=bool(config.train.flip), share=0.2, padding_mode=config.train.padding_mode,
+      nesterov=bool(config.train.nesterov))
+  unlearned = unlearning.unlearn(model, variables, s_images, s_labels,
+                                 triggers.Trigger(mask, pattern), recipe,
+                                 key=key(prune_stage.BASELINE_SALTS["nc_unlearning"]))
+  expected = {"clp": (clp_variables, anp.num_pruned(clp_keep)),
+              "anp": (anp.pruned_variables(variables, anp_keep), anp.num_pruned(anp_keep)),
+              "nc_unlearning": (unlearned, 0)}
+  assert expected["clp"][1] > 0 and expected["anp"][1] > 0
+  for name, (defended, pruned) in expected.items():
+    numbers = metrics.evaluate(model.apply, defended, ctx.dataset.test_images,
+                               ctx.dataset.test_labels, ctx.trigger, target=0,
+                               mode="all_to_one", num_classes=10, batch_size=32)
+    assert synthetic[name]["r_star"] == pruned
+    assert synthetic[name]["CA"] == pytest.approx(numbers["CA"], abs=1e-3)
+    assert synthetic[name]["ASR_real"] == pytest.approx(numbers["ASR"], abs=1e-3)
+
+  monkeypatch.setattr(anp, "learn_masks", lambda *a, **k: pytest.fail("ANP learned again"))
+  monkeypatch.setattr(unlearning, "unlearn", lambda *a, **k: pytest.fail("unlearned again"))
+  assert prune_stage.run(ctx) == result

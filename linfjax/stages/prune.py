@@ -17,7 +17,11 @@ level; the test split is for reporting. The methods (results keys):
   - `fine_pruning` (Liu et al.): layer L's least-active neurons, pruned until the CA drop on
     S exceeds `delta` (`prune.fine_pruning_level="ca_drop"`, no trigger needed), then
     fine-tuned; "defender_asr" picks its level by the lp rule instead;
-  - `fine_tuning`: a control, the unpruned model fine-tuned on S alike.
+  - `fine_tuning`: a control, the unpruned model fine-tuned on S alike;
+  - the baselines of `prune.baselines` (linfjax/baselines/), synthetic source only: `anp`
+    (batch-norm masks learned on S, pruned below a threshold), `clp` (data-free channel
+    Lipschitz bounds) and `nc_unlearning` (fine-tuning on S with a share stamped with the
+    synthetic trigger, true labels kept); `r_star` is the number of neurons they prune.
 The real trigger, an analysis-only reference, gets the paper's rows and Fine-Pruning.
 
 Writes under `WORKDIR/prune/`:
@@ -52,6 +56,7 @@ from absl import logging
 
 from linfjax import config as config_lib
 from linfjax import figures, files, finetune, models, norms, prune, triggers
+from linfjax.baselines import anp, clp, unlearning
 from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
@@ -60,8 +65,9 @@ STAGE = "prune"
 SOURCES = ("synthetic", "real")
 NO_SYNTHETIC_TRIGGER = "no class of the backdoored model reached the attack-success threshold"
 NO_REVERSE_STAGE = "the reverse stage is not in config.stages"
-# Salt of the fine-tuning key (train uses 0 and 1, reverse 2).
+# Salt of the fine-tuning key (train uses 0 and 1, reverse 2), and of the baselines' keys.
 KEY_SALT = 3
+BASELINE_SALTS = {"anp": 4, "nc_unlearning": 5}
 SWEEP_KEYS = ("CA", "ASR_real", "RA_real", "CA_S", "ASR_defender")
 CLEAN_SET_KEYS = ("CA_S", "ASR_defender")
 FINE_TUNING = "fine_tuning"
@@ -222,16 +228,39 @@ class _Models:
               fine_tune: bool) -> dict[str, float]:
     key = json.dumps([fine_tune, {layer: np.asarray(m).astype(int).tolist()
                                   for layer, m in sorted(mask_dict.items())}])
+
+    def compute():
+      variables = self._fine_tuned(mask_dict, name) if fine_tune else self.variables
+      return _evaluate_one(evaluate, variables, mask_dict, name), {}
+
+    return self._remembered(record, path, name, key, compute)[0]
+
+  def baseline(self, record: dict, path: str, name: str, defend, evaluate,
+               unmasked: dict) -> tuple[dict[str, float], int]:
+    """A baseline's numbers (its model evaluated with `unmasked`, all ones) and how many
+    neurons it pruned; `defend()` gives (new variables, pruned count)."""
+
+    def compute():
+      started = time.perf_counter()
+      variables, pruned = defend()
+      logging.info("prune: baseline %s in %.1f s, %d neurons pruned", name,
+                   time.perf_counter() - started, pruned)
+      return _evaluate_one(evaluate, variables, unmasked, name), {"pruned": pruned}
+
+    numbers, extra = self._remembered(record, path, name, json.dumps(["baseline", name]),
+                                      compute)
+    return numbers, extra["pruned"]
+
+  @staticmethod
+  def _remembered(record: dict, path: str, name: str, key: str, compute):
+    """`compute()`'s (numbers, extra) saved in the record under `name`, or the saved ones."""
     saved = record["evaluated"].get(name)
     if saved is not None and saved["key"] == key:
-      return saved["numbers"]
-    variables = self._fine_tuned(mask_dict, name) if fine_tune else self.variables
-    stacks = {layer: np.asarray(mask, np.float32)[None] for layer, mask in mask_dict.items()}
-    numbers = {k: float(v[0]) for k, v in evaluate(variables, stacks, f"prune {name}",
-                                                   mask_batch=1).items()}
-    record["evaluated"][name] = {"key": key, "numbers": numbers}
+      return saved["numbers"], saved.get("extra", {})
+    numbers, extra = compute()
+    record["evaluated"][name] = {"key": key, "numbers": numbers, "extra": extra}
     files.write_json(path, record)
-    return numbers
+    return numbers, extra
 
   def _fine_tuned(self, mask_dict: dict, name: str):
     cache_key = tuple((layer, np.asarray(m).tobytes()) for layer, m in sorted(mask_dict.items()))
@@ -250,6 +279,38 @@ class _Models:
           key=jax.random.fold_in(jax.random.key(cfg.seed), KEY_SALT))
       logging.info("prune: fine-tuned %s on S in %.1f s", name, time.perf_counter() - started)
     return self.tuned[cache_key]
+
+
+def _evaluate_one(evaluate, variables, mask_dict: dict, name: str) -> dict[str, float]:
+  stacks = {layer: np.asarray(mask, np.float32)[None] for layer, mask in mask_dict.items()}
+  return {k: float(v[0]) for k, v in evaluate(variables, stacks, f"prune {name}",
+                                              mask_batch=1).items()}
+
+
+def _baseline_defense(ctx: RunContext, name: str, model, variables, defender: Defender):
+  """A baseline's defended variables and the number of neurons it pruned."""
+  cfg = ctx.config
+  key = jax.random.fold_in(jax.random.key(cfg.seed), BASELINE_SALTS.get(name, 0))
+  s_images, s_labels = ctx.clean_set
+  if name == "clp":
+    defended, keep, _ = clp.defend(model, variables, ctx.dataset.image_shape,
+                                   u=cfg.prune.clp_u)
+    return defended, anp.num_pruned(keep)
+  if name == "anp":
+    settings = anp.Settings(iterations=cfg.prune.anp_iterations,
+                            padding=cfg.train.crop_padding, flip=bool(cfg.train.flip))
+    values = anp.learn_masks(model.apply, variables, s_images, s_labels, settings=settings,
+                             key=key)
+    keep = anp.keep_above(values, cfg.prune.anp_threshold)
+    return anp.pruned_variables(variables, keep), anp.num_pruned(keep)
+  recipe = unlearning.Recipe(
+      epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
+      momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+      batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
+      flip=bool(cfg.train.flip), share=cfg.prune.unlearning_share,
+      padding_mode=cfg.train.padding_mode, nesterov=bool(cfg.train.nesterov))
+  return unlearning.unlearn(model, variables, s_images, s_labels, defender.trigger, recipe,
+                            key=key), 0
 
 
 def _choose(cfg, method: str, values: dict) -> int:
@@ -307,10 +368,17 @@ def _defend(ctx, source, model, variables, layer, multi_layers, defender, tuned)
     if cfg.fine_tune:
       add(name + TUNED_SUFFIX, r_star, pruned_models.numbers(
           record, path, name + TUNED_SUFFIX, mask_dict, evaluate, fine_tune=True))
+  unpruned = {layer: np.ones(record["num_neurons"], np.float32)}
   if cfg.fine_tuning_control and extensions:
-    unpruned = {layer: np.ones(record["num_neurons"], np.float32)}
     add(FINE_TUNING, 0, pruned_models.numbers(record, path, FINE_TUNING, unpruned, evaluate,
                                               fine_tune=True))
+  if extensions:
+    for name in cfg.baselines:
+      numbers, pruned = pruned_models.baseline(
+          record, path, name,
+          lambda name=name: _baseline_defense(ctx, name, model, variables, defender),
+          evaluate, unpruned)
+      add(name, pruned, numbers)
   _write_outputs(ctx, source, record, chosen)
   return entry
 
