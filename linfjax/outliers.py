@@ -73,17 +73,20 @@ class Statistic:
   """An outlier index over mask norms and the threshold a class must exceed by default."""
   index: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (norms [K], valid [K]) -> [K]
   default_threshold: float
+  description: str  # What the index measures, for reports.
 
 
 STATISTICS: dict[str, Statistic] = {
     # Neural Cleanse's anomaly index and its threshold.
     "nc": Statistic(lambda norms, valid: np.asarray(anomaly_index(norms, valid), np.float64),
-                    2.0),
+                    2.0, "Neural Cleanse's anomaly index: MADs below the median mask norm"),
     # The same index on log norms (ours): scale-free, still divided by the MAD.
     "log": Statistic(lambda norms, valid: np.asarray(anomaly_index(
-        np.log(np.maximum(norms, 1e-12)), valid), np.float64), 2.0),
+        np.log(np.maximum(norms, 1e-12)), valid), np.float64), 2.0,
+        "Neural Cleanse's anomaly index on the logarithms of the mask norms"),
     # The effect size (ours): a flagged mask is over 3 times smaller than the median.
-    "ratio": Statistic(median_ratio, 3.0),
+    "ratio": Statistic(median_ratio, 3.0,
+                       "how many times smaller than the median mask norm the class's is"),
 }
 
 

@@ -100,11 +100,12 @@ def _verdict(values: dict) -> str:
 def _reverse_section(entry: dict, config: dict, results: dict) -> str:
   del results
   statistic = config.get("reverse", {}).get("statistic", "nc")
+  known = outliers.STATISTICS.get(statistic)
   threshold = config.get("reverse", {}).get("anomaly_threshold") or (
-      outliers.STATISTICS[statistic].default_threshold if statistic in outliers.STATISTICS
-      else "-")
+      known.default_threshold if known else "-")
+  meaning = f" ({known.description})" if known else ""
   parts = [f"<p>Backdoored model: <b>{_escape(_verdict(entry))}</b>. A class is flagged when "
-           f"its anomaly index on the <code>{_escape(statistic)}</code> scale exceeds "
+           f"its <code>{_escape(statistic)}</code> index{_escape(meaning)} exceeds "
            f"{_escape(threshold)} with its mask norm below the median; whether or not one is, "
            "the defense uses the most suspicious class's trigger (the smallest mask that "
            "reached the attack-success threshold).</p>"]
