@@ -91,7 +91,7 @@ def _run(values: flags.FlagValues) -> int:
   """Runs the job; returns the exit status (1: some runs of this grid process failed)."""
   import jax  # Imported here: --help and command-line mistakes answer without loading JAX.
 
-  from linfjax import compile_cache, grid, pipeline, progress, sweep
+  from linfjax import compile_cache, grid, pipeline, progress, report, sweep
 
   config = values.config
   bars = not values.quiet and sys.stderr.isatty()
@@ -100,7 +100,8 @@ def _run(values: flags.FlagValues) -> int:
     if not grid.is_grid(config):
       if values.shard or values.distributed:
         raise errors.UserError("--shard and --distributed need a grid (config.sweep.axes)")
-      print(json.dumps(pipeline.run(config, values.workdir, progress=bars), indent=1))
+      results = pipeline.run(config, values.workdir, progress=bars)
+      print(report.summary_text(values.workdir, results))
       return 0
     shard = grid.parse_shard(values.shard) if values.shard else (0, 1)
     if values.distributed:

@@ -191,19 +191,44 @@ def _prune_section(entry: dict, config: dict, results: dict) -> str:
   return "".join(parts)
 
 
-def _summary(results: dict) -> str:
+SUMMARY_HEADER = ("model", "r*", "CA", "ASR", "RA")
+
+
+def _summary_rows(results: dict) -> list[tuple]:
   """CA/ASR/RA before, and CA/ASR after each defense at r*."""
-  if "backdoored" not in results.get("train", {}):
-    return _note("no trained model: the train stage has not finished")
   rows = [(f"{kind}, no defense", "-", *(values.get(k) for k in ("CA", "ASR", "RA")))
-          for kind, values in results["train"].items()
+          for kind, values in results.get("train", {}).items()
           if kind in ("backdoored", "vanilla")]
   for source, values in results.get("prune", {}).items():
     for method, numbers in values.items():
       if isinstance(numbers, dict):
         rows.append((f"{method} ({source} trigger)", numbers.get("r_star"), numbers.get("CA"),
                      numbers.get("ASR_real"), None))
-  return _table(["model", "r*", "CA", "ASR", "RA"], rows)
+  return rows
+
+
+def _summary(results: dict) -> str:
+  if "backdoored" not in results.get("train", {}):
+    return _note("no trained model: the train stage has not finished")
+  return _table(SUMMARY_HEADER, _summary_rows(results))
+
+
+def summary_text(workdir: str, results: dict) -> str:
+  """What a finished run prints: the verdict, the summary table, and where the files are."""
+  rows = [tuple(_number(v) if not isinstance(v, str) else v for v in row)
+          for row in _summary_rows(results)]
+  widths = [max(len(str(row[i])) for row in [SUMMARY_HEADER, *rows])
+            for i in range(len(SUMMARY_HEADER))]
+  lines = ["  ".join(str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                     for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+           for row in [SUMMARY_HEADER, *rows]]
+  if "reverse" in results:
+    lines.insert(0, f"Neural Cleanse on the backdoored model: {_verdict(results['reverse'])}")
+  lines += [f"prune, {source} trigger: skipped: {values['skipped']}"
+            for source, values in results.get("prune", {}).items() if "skipped" in values]
+  lines.append(f"Every number: {os.path.join(workdir, 'results.json')}; tables and figures: "
+               f"{os.path.join(workdir, REPORT_FILE)}")
+  return "\n".join(lines)
 
 
 SECTION_BUILDERS = {"train": _train_section, "reverse": _reverse_section,

@@ -158,3 +158,17 @@ def test_report_of_a_run_whose_planted_trigger_neural_cleanse_flags(cifar_dir, t
   for method, numbers in results["prune"]["synthetic"].items():
     assert f"<td class=\"text\">{method}</td>" in synthetic
     assert f"{numbers['ASR_defender']:.2f}" in synthetic and f"{numbers['DER']:.2f}" in synthetic
+
+
+def test_the_text_summary_a_finished_run_prints():
+  results = json.loads(json.dumps(RESULTS))
+  results["prune"]["synthetic"] = {"skipped": "no class reached the threshold"}
+  lines = report.summary_text("runs/x", results).splitlines()
+  assert lines[0] == "Neural Cleanse on the backdoored model: no class flagged; most " \
+                     "suspicious class 0"
+  assert lines[1].split() == ["model", "r*", "CA", "ASR", "RA"]
+  assert lines[2].split() == ["backdoored,", "no", "defense", "-", "61.23", "97.50", "2.25"]
+  assert lines[4].split() == ["linf", "(real", "trigger)", "3", "59.88", "1.62", "-"]
+  assert lines[5] == "prune, synthetic trigger: skipped: no class reached the threshold"
+  assert lines[6] == ("Every number: runs/x/results.json; tables and figures: "
+                      "runs/x/report.html")
