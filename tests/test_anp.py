@@ -100,8 +100,10 @@ def test_learned_masks_and_pruning_by_threshold_and_count():
   model, variables, x, labels = _setup()
   images = np.clip(x * 40 + 128, 0, 255).astype(np.uint8)
   settings = anp.Settings(iterations=3, batch_size=4, padding=1)
+  losses = []
   values = anp.learn_masks(model.apply, variables, images, labels, settings=settings,
-                           key=jax.random.key(2))
+                           key=jax.random.key(2), on_update=losses.append)
+  assert len(losses) == 3 and all(np.isfinite(float(loss)) for loss in losses)
   assert list(values) == ["BatchNorm_0"] and values["BatchNorm_0"].shape == (4,)
   assert values["BatchNorm_0"].min() >= 0.0 and values["BatchNorm_0"].max() <= 1.0
   assert values["BatchNorm_0"].min() < 1.0

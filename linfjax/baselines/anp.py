@@ -148,7 +148,8 @@ def _compiled_step(apply_fn: Callable, settings: Settings) -> Callable:
 
 
 def learn_masks(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray, *,
-                settings: Settings = Settings(), key: jax.Array) -> dict[str, np.ndarray]:
+                settings: Settings = Settings(), key: jax.Array,
+                on_update: Callable[[jax.Array], None] | None = None) -> dict[str, np.ndarray]:
   """ANP's mask values of every batch-norm neuron, learned on S.
 
   Args:
@@ -158,6 +159,8 @@ def learn_masks(apply_fn: Callable, variables, images: np.ndarray, labels: np.nd
     settings: ANP's hyperparameters.
     key: batch `i` is drawn (with replacement, as the authors' sampler) and augmented
       with `fold_in(key, i)`.
+    on_update: called after each update is dispatched with its loss (a device array), so a
+      progress bar can count the update once that loss is ready.
 
   Returns:
     {batch-norm layer: float32 [K] in [0, 1]}.
@@ -179,6 +182,8 @@ def learn_masks(apply_fn: Callable, variables, images: np.ndarray, labels: np.nd
     masks, opt_state, loss = step(masks, opt_state, variables, images[rows], labels[rows],
                                   jax.random.fold_in(batch_key, 1))
     losses.append(loss)
+    if on_update is not None:
+      on_update(loss)
   losses = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
   if not np.all(np.isfinite(losses)):
     raise ValueError(f"ANP's loss became {losses[~np.isfinite(losses)][0]} at iteration "

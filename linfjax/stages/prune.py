@@ -299,8 +299,10 @@ def _baseline_defense(ctx: RunContext, name: str, model, variables, defender: De
   if name == "anp":
     settings = anp.Settings(iterations=cfg.prune.anp_iterations,
                             padding=cfg.train.crop_padding, flip=bool(cfg.train.flip))
+    bar = ctx.progress.bar("prune anp", settings.iterations, part=0.0, unit="update")
     values = anp.learn_masks(model.apply, variables, s_images, s_labels, settings=settings,
-                             key=key)
+                             key=key, on_update=lambda loss: bar.update(1, result=loss))
+    bar.close()
     keep = anp.keep_above(values, cfg.prune.anp_threshold)
     return anp.pruned_variables(variables, keep), anp.num_pruned(keep)
   recipe = unlearning.Recipe(
