@@ -65,7 +65,7 @@ def main(argv):
 
   def sweep(mask_batch):
     predict = prune.compiled_predictions(model.apply, layer, mask_batch)
-    run = lambda: [predict(variables, batch, (trigger,), stack) for batch in batches]
+    run = lambda: [predict(variables, batch, (trigger,), {layer: stack}) for batch in batches]
     jax.block_until_ready(run())  # Compiles.
     return run
 
