@@ -77,7 +77,6 @@ def test_two_processes_finish_every_run_as_alone(cifar_dir, tmp_path):
 FAILING_GRID = """
 import sys
 sys.path.insert(0, {tests!r})
-from absl import app
 from linfjax import main, pipeline
 from test_pipeline import tiny_config
 
@@ -87,8 +86,7 @@ def broken_run(config, *args, **kwargs):
 
 
 pipeline.run = broken_run
-sys.argv = ["linfjax.main", "--config={config_file}", "--workdir={workdir}", "--quiet"]
-app.run(main.main)
+sys.exit(main.cli(["linfjax.main", "--config={config_file}", "--workdir={workdir}", "--quiet"]))
 """
 
 
