@@ -266,12 +266,7 @@ class _Models:
     cache_key = tuple((layer, np.asarray(m).tobytes()) for layer, m in sorted(mask_dict.items()))
     if cache_key not in self.tuned:
       cfg = self.ctx.config
-      recipe = finetune.Recipe(
-          epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
-          momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-          batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
-          flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
-          nesterov=bool(cfg.train.nesterov))
+      recipe = finetune.Recipe(**_tuning_settings(cfg))
       s_images, s_labels = self.ctx.clean_set
       started = time.perf_counter()
       self.tuned[cache_key] = finetune.fine_tune(
@@ -279,6 +274,15 @@ class _Models:
           key=jax.random.fold_in(jax.random.key(cfg.seed), KEY_SALT))
       logging.info("prune: fine-tuned %s on S in %.1f s", name, time.perf_counter() - started)
     return self.tuned[cache_key]
+
+
+def _tuning_settings(cfg) -> dict:
+  """The SGD and augmentation settings every tuning on S shares (fine-tuning, unlearning)."""
+  return dict(epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
+              momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+              batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
+              flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
+              nesterov=bool(cfg.train.nesterov))
 
 
 def _evaluate_one(evaluate, variables, mask_dict: dict, name: str) -> dict[str, float]:
@@ -305,12 +309,7 @@ def _baseline_defense(ctx: RunContext, name: str, model, variables, defender: De
     bar.close()
     keep = anp.keep_above(values, cfg.prune.anp_threshold)
     return anp.pruned_variables(variables, keep), anp.num_pruned(keep)
-  recipe = unlearning.Recipe(
-      epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
-      momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-      batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
-      flip=bool(cfg.train.flip), share=cfg.prune.unlearning_share,
-      padding_mode=cfg.train.padding_mode, nesterov=bool(cfg.train.nesterov))
+  recipe = unlearning.Recipe(**_tuning_settings(cfg), share=cfg.prune.unlearning_share)
   return unlearning.unlearn(model, variables, s_images, s_labels, defender.trigger, recipe,
                             key=key), 0
 
