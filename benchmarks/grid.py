@@ -9,7 +9,7 @@ Measures, in one invocation, on JAX's default backend:
      (a) one `python -m linfjax.main` process per run, one after another (each a one-run
      grid with `sweep.share=False`, so that it does all its own work, as today), (b) one grid process with `sweep.share=False` (compiled once, every run does
      all its own work), and (c) one grid process as configured by default (each distinct
-     vanilla model trained once). The persistent compilation cache is off on every side
+     vanilla model trained and reverse-engineered once). The persistent compilation cache is off on every side
      (benchmarks/stage_profile.py measures it). (a) / (c) is the grid's gain; (a) - (b) is what compiling
      once and starting once save, and (b) - (c) what sharing saves. Every run's
      results.json is checked to be identical on all three sides;

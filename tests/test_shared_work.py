@@ -1,4 +1,5 @@
-"""Shared work in a grid: each distinct vanilla model trained once, runs identical to alone."""
+"""Shared work in a grid: each distinct vanilla model trained once and solved by Neural
+Cleanse once, runs identical to alone."""
 
 import json
 import os
@@ -7,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from linfjax import pipeline, shared_work, sweep, train
+from linfjax import pipeline, reverse, shared_work, sweep, train
+from linfjax.stages import reverse as reverse_stage
 from linfjax.stages import train as train_stage
 from test_pipeline import tiny_config
 
@@ -42,6 +44,20 @@ def test_vanilla_dependencies_ignore_trigger_poison_and_evaluation(cifar_dir):
     block, _, leaf = field.rpartition(".")
     (changed[block] if block else changed)[leaf] = value
     assert train_stage.vanilla_dependencies(changed) != base, field
+
+
+def test_vanilla_reverse_dependencies_add_the_solve_not_the_detection(cifar_dir):
+  config = tiny_config(cifar_dir)
+  base = reverse_stage.vanilla_dependencies(config)
+  config.poison.rate, config.reverse.statistic, config.reverse.anomaly_threshold = 0.3, "nc", 2.5
+  config.reverse.checkpoint_every = 1
+  assert reverse_stage.vanilla_dependencies(config) == base
+  for field, value in (("seed", 3), ("train.epochs", 3), ("reverse.steps", 3),
+                       ("reverse.learning_rate", 0.2), ("reverse.success_images", 10)):
+    changed = tiny_config(cifar_dir)
+    block, _, leaf = field.rpartition(".")
+    (changed[block] if block else changed)[leaf] = value
+    assert reverse_stage.vanilla_dependencies(changed) != base, field
 
 
 def _grid(cifar_dir):
@@ -108,3 +124,38 @@ def test_grid_trains_each_vanilla_model_once_and_equals_runs_alone(cifar_dir, tm
       vanilla_log = json.load(f)["vanilla"]
     assert [e["epoch"] for e in vanilla_log["epochs"]] == [2]  # Epoch 1 ran before the kill.
     assert vanilla_log["trained_by_this_run"] is trained_here
+
+
+def test_grid_solves_each_vanilla_model_once_and_equals_runs_alone(cifar_dir, tmp_path,
+                                                                  monkeypatch):
+  config = tiny_config(cifar_dir)
+  config.stages = ("train", "reverse")
+  config.sweep.axes = "poison.rate=0.1,0.2"
+  solves, real_solve = [], reverse.solve
+
+  def recording_solve(*args, **kwargs):
+    solves.append(kwargs["num_classes"])
+    return real_solve(*args, **kwargs)
+
+  monkeypatch.setattr(reverse, "solve", recording_solve)
+  workdir = str(tmp_path / "grid")
+  assert set(sweep.run(config, workdir, progress=False).values()) == {"finished"}
+  assert len(solves) == 3  # Each run's backdoored model, and the one vanilla model.
+  monkeypatch.undo()
+  alone_config = tiny_config(cifar_dir)
+  alone_config.stages = ("train", "reverse")
+  alone_config.poison.rate = 0.2
+  alone = pipeline.run(alone_config, str(tmp_path / "alone"), progress=False)
+  run_dirs = {rate: os.path.join(workdir, "runs", f"poison.rate={rate}") for rate in (0.1, 0.2)}
+  with open(os.path.join(run_dirs[0.2], "results.json")) as f:
+    assert json.load(f) == alone
+  with open(os.path.join(run_dirs[0.1], "results.json")) as f:
+    assert json.load(f)["reverse"]["vanilla"] == alone["reverse"]["vanilla"]
+  by_itself = np.load(os.path.join(tmp_path, "alone", "reverse", "vanilla", "triggers.npz"))
+  for rate, solved_here in ((0.1, True), (0.2, False)):
+    in_grid = np.load(os.path.join(run_dirs[rate], "reverse", "vanilla", "triggers.npz"))
+    assert sorted(in_grid.files) == sorted(by_itself.files)
+    for name in by_itself.files:
+      np.testing.assert_array_equal(in_grid[name], by_itself[name], err_msg=name)
+    with open(os.path.join(run_dirs[rate], "reverse", "metrics.json")) as f:
+      assert json.load(f)["vanilla"]["solved_by_this_run"] is solved_here

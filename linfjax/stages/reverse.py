@@ -15,6 +15,11 @@ Writes under `WORKDIR/reverse/`:
                           [H, W, 1] float32, `pattern` [H, W, C] float32, `target` int,
                           `flagged` bool (read it with `load_synthetic_trigger`);
   metrics.json            seconds, steps run and per-class costs of each solve.
+In a grid (`ctx.shared` set), the vanilla model's solve is a shared piece
+(linfjax/shared_work.py) keyed by `vanilla_dependencies`: the first run that needs it solves
+into the grid's `shared/vanilla_reverse/<key>/` (its checkpoints and `outcome.npz`), and every
+run reads that outcome and writes its own `vanilla/triggers.npz` and figure from it, so its
+directory stays a complete single run and its detection uses its own statistic.
 Returns results.json's `reverse` entry (METHOD.md, "Results file"): `flagged` (null when no
 class is flagged), `suspect`, NC's `anomaly_index`, the index under every other statistic
 (`<statistic>_index`), `mask_l1` and `succeeded` of the backdoored model, and the same
@@ -27,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -47,6 +53,19 @@ MODEL_KINDS = train_stage.MODEL_KINDS
 SYNTHETIC_TRIGGER_FILE = "synthetic_trigger.npz"
 # Salt of the solve's key (train uses 0 and 1); both models share it.
 KEY_SALT = 2
+VANILLA_PIECE = "vanilla_reverse"
+OUTCOME_FILE = "outcome.npz"
+
+
+def vanilla_dependencies(config) -> dict:
+  """The config values that Neural Cleanse on the vanilla model depends on, and no others.
+
+  The vanilla model's own (seed, data incl. the clean set S, model, training recipe) and
+  the solve's settings; not the trigger or poisoning, nor the detection statistic and its
+  threshold (each run applies its own to the shared outcome) or the checkpoint interval.
+  """
+  settings = reverse.Settings.from_config(config.reverse)
+  return {**train_stage.vanilla_dependencies(config), "reverse": dataclasses.asdict(settings)}
 
 
 def synthetic_trigger_path(workdir: str) -> str:
@@ -101,14 +120,19 @@ def load_synthetic_trigger(workdir: str, image_shape,
   return triggers.Trigger(jnp.asarray(mask), jnp.asarray(pattern)), target, flagged
 
 
-def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
-  """Runs (or resumes) the solve for one model; returns every class's trigger."""
+def _solve(ctx: RunContext, kind: str, log: dict, *,
+           checkpoint_dir: str | None = None) -> reverse.Reversed:
+  """Runs (or resumes) the solve for one model; returns every class's trigger.
+
+  Checkpoints go to `checkpoint_dir`, by default the run's own `reverse/<kind>/checkpoints`.
+  """
   settings = reverse.Settings.from_config(ctx.config.reverse)
   model, variables = train_stage.load_trained(ctx, kind)
   images, _ = ctx.clean_set
   num_classes = ctx.dataset.num_classes
   key = jax.random.fold_in(jax.random.key(ctx.config.seed), KEY_SALT)
-  store = checkpoints.StageCheckpoints(os.path.join(ctx.stage_dir(STAGE), kind, "checkpoints"))
+  store = checkpoints.StageCheckpoints(
+      checkpoint_dir or os.path.join(ctx.stage_dir(STAGE), kind, "checkpoints"))
   state, start_step = None, store.latest_step() or 0
   if start_step:
     like = reverse.init(jax.random.fold_in(key, 0), ctx.dataset.image_shape, num_classes,
@@ -145,6 +169,23 @@ def _solve(ctx: RunContext, kind: str, log: dict) -> reverse.Reversed:
              cost=np.asarray(state.schedule.cost).tolist(),
              stopped=np.asarray(state.schedule.stopped).tolist())
   return reverse.result(state)
+
+
+def _shared_vanilla_solve(ctx: RunContext, log: dict) -> reverse.Reversed:
+  """The grid's solve on this run's vanilla model: run here unless another run did."""
+  piece = ctx.shared.piece(VANILLA_PIECE, vanilla_dependencies(ctx.config))
+  with piece.claim():
+    computed_here = not piece.done
+    if computed_here:
+      piece_log = {}
+      outcome = _solve(ctx, "vanilla", piece_log, checkpoint_dir=piece.path("checkpoints"))
+      files.write_npz(piece.path(OUTCOME_FILE), **outcome._asdict())
+      piece.mark_done(piece_log)
+  log.update(piece.summary(), shared=piece.directory, solved_by_this_run=computed_here)
+  if not computed_here:
+    logging.info("reverse/vanilla: shared with earlier runs of the grid (%s)", piece.directory)
+  with np.load(piece.path(OUTCOME_FILE), allow_pickle=False) as arrays:
+    return reverse.Reversed(**{name: arrays[name] for name in reverse.Reversed._fields})
 
 
 def _figure(outcome: reverse.Reversed, detection: outliers.Detection, class_names) -> Figure:
@@ -186,6 +227,7 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict
   others = {name: statistic.index(outcome.mask_l1, outcome.succeeded)
             for name, statistic in outliers.STATISTICS.items() if name != "nc"}
   kind_dir = os.path.join(ctx.stage_dir(STAGE), kind)
+  os.makedirs(kind_dir, exist_ok=True)
   files.write_npz(os.path.join(kind_dir, "triggers.npz"), masks=outcome.masks,
                   patterns=outcome.patterns, mask_l1=outcome.mask_l1,
                   anomaly_index=detection.nc_index, succeeded=outcome.succeeded,
@@ -216,7 +258,10 @@ def run(ctx: RunContext) -> dict:
   log, entries = {}, {}
   for kind in MODEL_KINDS:
     log[kind] = {}
-    outcome = _solve(ctx, kind, log[kind])
+    if kind == "vanilla" and ctx.shared is not None:
+      outcome = _shared_vanilla_solve(ctx, log[kind])
+    else:
+      outcome = _solve(ctx, kind, log[kind])
     entries[kind], detection = _report(ctx, kind, outcome)
     if kind != "backdoored":
       continue
