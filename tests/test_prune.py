@@ -382,15 +382,15 @@ def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, 
       model.apply, variables, s_images, s_labels, key=key(prune_stage.BASELINE_SALTS["anp"]),
       settings=anp.Settings(iterations=3, padding=config.train.crop_padding,
                             flip=bool(config.train.flip))), 0.9)
-  recipe = unlearning.Recipe(
+  recipe = finetune.Recipe(
       epochs=config.prune.fine_tune_epochs, learning_rate=config.prune.fine_tune_learning_rate,
       momentum=config.train.momentum, weight_decay=config.train.weight_decay,
       batch_size=config.prune.fine_tune_batch_size, padding=config.train.crop_padding,
-      flip=bool(config.train.flip), share=0.2, padding_mode=config.train.padding_mode,
+      flip=bool(config.train.flip), padding_mode=config.train.padding_mode,
       nesterov=bool(config.train.nesterov))
   unlearned = unlearning.unlearn(model, variables, s_images, s_labels,
                                  triggers.Trigger(mask, pattern), recipe,
-                                 key=key(prune_stage.BASELINE_SALTS["nc_unlearning"]))
+                                 key=key(prune_stage.BASELINE_SALTS["nc_unlearning"]), share=0.2)
   expected = {"clp": (clp_variables, anp.num_pruned(clp_keep)),
               "anp": (anp.pruned_variables(variables, anp_keep), anp.num_pruned(anp_keep)),
               "nc_unlearning": (unlearned, 0)}

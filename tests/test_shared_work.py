@@ -40,10 +40,15 @@ def test_vanilla_dependencies_ignore_trigger_poison_and_evaluation(cifar_dir):
   assert train_stage.vanilla_dependencies(config) == base
   for field, value in (("seed", 3), ("train.learning_rate", 0.2), ("model.width", 0.25),
                        ("data.clean_set_size", 21)):
-    changed = tiny_config(cifar_dir)
-    block, _, leaf = field.rpartition(".")
-    (changed[block] if block else changed)[leaf] = value
-    assert train_stage.vanilla_dependencies(changed) != base, field
+    assert train_stage.vanilla_dependencies(_changed(cifar_dir, field, value)) != base, field
+
+
+def _changed(cifar_dir, field: str, value):
+  """tiny_config with one dotted field set to `value`."""
+  config = tiny_config(cifar_dir)
+  block, _, leaf = field.rpartition(".")
+  (config[block] if block else config)[leaf] = value
+  return config
 
 
 def test_vanilla_reverse_dependencies_add_the_solve_not_the_detection(cifar_dir):
@@ -54,10 +59,7 @@ def test_vanilla_reverse_dependencies_add_the_solve_not_the_detection(cifar_dir)
   assert reverse_stage.vanilla_dependencies(config) == base
   for field, value in (("seed", 3), ("train.epochs", 3), ("reverse.steps", 3),
                        ("reverse.learning_rate", 0.2), ("reverse.success_images", 10)):
-    changed = tiny_config(cifar_dir)
-    block, _, leaf = field.rpartition(".")
-    (changed[block] if block else changed)[leaf] = value
-    assert reverse_stage.vanilla_dependencies(changed) != base, field
+    assert reverse_stage.vanilla_dependencies(_changed(cifar_dir, field, value)) != base, field
 
 
 def _grid(cifar_dir):

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import metrics, models, poison, train, triggers
+from linfjax import finetune, metrics, models, poison, train, triggers
 from linfjax.baselines import unlearning
 from test_train import _quadrant_set, _recipe
 
@@ -39,8 +39,8 @@ def test_unlearning_removes_a_planted_backdoor_and_keeps_accuracy():
                                         batch_size=128)
   before = evaluate(train.variables(state))
   assert before["CA"] >= 90.0 and before["ASR"] >= 90.0, before
-  recipe = unlearning.Recipe(epochs=4, learning_rate=0.02, momentum=0.9, weight_decay=5e-4,
-                             batch_size=32, padding=0, flip=False)
+  recipe = finetune.Recipe(epochs=4, learning_rate=0.02, momentum=0.9, weight_decay=5e-4,
+                           batch_size=32, padding=0, flip=False)
   after = evaluate(unlearning.unlearn(model, train.variables(state), s_images, s_labels,
                                       trigger, recipe, key=jax.random.key(4)))
   assert after["ASR"] <= 10.0 and after["CA"] >= before["CA"] - 3.0, (before, after)

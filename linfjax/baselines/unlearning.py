@@ -16,30 +16,13 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import models, poison, train, triggers
+from linfjax import finetune, models, poison, train, triggers
 
 SHARE = 0.2  # Share of S stamped with the synthetic trigger (NC; BackdoorBench's 0.2).
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """How to unlearn: epochs over S, SGD settings, augmentation, the stamped share."""
-  epochs: int
-  learning_rate: float
-  momentum: float
-  weight_decay: float
-  batch_size: int
-  padding: int
-  flip: bool
-  share: float = SHARE
-  padding_mode: str = "zeros"
-  nesterov: bool = False
 
 
 def unlearning_set(images: np.ndarray, labels: np.ndarray, *, share: float,
@@ -58,21 +41,23 @@ def unlearning_set(images: np.ndarray, labels: np.ndarray, *, share: float,
 
 
 def unlearn(model: models.LayeredClassifier, variables, images: np.ndarray, labels: np.ndarray,
-            trigger: triggers.AnyTrigger, recipe: Recipe, *, key: jax.Array) -> dict:
+            trigger: triggers.AnyTrigger, recipe: finetune.Recipe, *, key: jax.Array,
+            share: float = SHARE) -> dict:
   """Fine-tunes the backdoored model on S with the unlearning stamps; returns new variables.
 
   Args:
     model: the classifier; variables: its variables (not modified).
     images: S, uint8 [N, H, W, C]; labels: [N] int, their true labels.
     trigger: the synthetic trigger (Neural Cleanse's reverse-engineered mask and pattern).
-    recipe: epochs, SGD and augmentation settings, the stamped share.
+    recipe: epochs, SGD and augmentation settings (those of fine-tuning).
     key: draws the stamped examples (`fold_in(key, 0)`'s seed), shuffles and augments.
+    share: the share of S stamped with the trigger.
 
   Raises:
     train.TrainingDiverged: when the loss is not finite.
   """
   seed = int(jax.random.randint(jax.random.fold_in(key, 0), (), 0, 2**31 - 1))
-  data = train.to_device(unlearning_set(images, labels, share=recipe.share, seed=seed))
+  data = train.to_device(unlearning_set(images, labels, share=share, seed=seed))
   batch_size = min(recipe.batch_size, len(labels))
   total_steps = recipe.epochs * train.steps_per_epoch(len(labels), batch_size)
   state = train.create_state(model, jax.tree.map(jnp.array, variables),  # The step donates.

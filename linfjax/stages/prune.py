@@ -309,9 +309,9 @@ def _baseline_defense(ctx: RunContext, name: str, model, variables, defender: De
     bar.close()
     keep = anp.keep_above(values, cfg.prune.anp_threshold)
     return anp.pruned_variables(variables, keep), anp.num_pruned(keep)
-  recipe = unlearning.Recipe(**_tuning_settings(cfg), share=cfg.prune.unlearning_share)
-  return unlearning.unlearn(model, variables, s_images, s_labels, defender.trigger, recipe,
-                            key=key), 0
+  return unlearning.unlearn(model, variables, s_images, s_labels, defender.trigger,
+                            finetune.Recipe(**_tuning_settings(cfg)), key=key,
+                            share=cfg.prune.unlearning_share), 0
 
 
 def _choose(cfg, method: str, values: dict) -> int:
