@@ -24,7 +24,7 @@ The output ends with one line per ratio, `ratio NAME VALUE target TARGET`.
 Run (from the repo root, with ../shared beside it):
   python benchmarks/grid.py [--axes="..." --epochs=1 --replicas=4 --steps=3] [--small]
 On 2 idle CPU cores the default takes about 20 minutes; `--small` (4 runs sharing one
-vanilla model, 1,000 training / 300 test images, 2 replicas, 1 step) about 6; `--tiny`
+vanilla model, 1,000 training / 300 test images, 2 replicas, 1 step) 13 to 17 (measured); `--tiny`
 (CI) tiny models and data. The numbers depend on the machine and its load.
 """
 
