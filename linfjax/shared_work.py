@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 
@@ -100,6 +100,16 @@ class Piece:
         yield True
       finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+  def compute_once(self, compute: Callable[[], dict]) -> bool:
+    """Runs `compute` (which writes the piece's files and returns its summary) unless the
+    piece is done, holding the claim; returns whether it ran here."""
+    with self.claim():
+      computed_here = not self.done
+      if computed_here:
+        self.mark_done(compute())
+    return computed_here
 
 
 class SharedWork:

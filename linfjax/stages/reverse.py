@@ -174,13 +174,14 @@ def _solve(ctx: RunContext, kind: str, log: dict, *,
 def _shared_vanilla_solve(ctx: RunContext, log: dict) -> reverse.Reversed:
   """The grid's solve on this run's vanilla model: run here unless another run did."""
   piece = ctx.shared.piece(VANILLA_PIECE, vanilla_dependencies(ctx.config))
-  with piece.claim():
-    computed_here = not piece.done
-    if computed_here:
-      piece_log = {}
-      outcome = _solve(ctx, "vanilla", piece_log, checkpoint_dir=piece.path("checkpoints"))
-      files.write_npz(piece.path(OUTCOME_FILE), **outcome._asdict())
-      piece.mark_done(piece_log)
+
+  def solve_vanilla() -> dict:
+    piece_log = {}
+    outcome = _solve(ctx, "vanilla", piece_log, checkpoint_dir=piece.path("checkpoints"))
+    files.write_npz(piece.path(OUTCOME_FILE), **outcome._asdict())
+    return piece_log
+
+  computed_here = piece.compute_once(solve_vanilla)
   log.update(piece.summary(), shared=piece.directory, solved_by_this_run=computed_here)
   if not computed_here:
     logging.info("reverse/vanilla: shared with earlier runs of the grid (%s)", piece.directory)

@@ -166,13 +166,13 @@ def _shared_vanilla(ctx: RunContext, training_set: poison.PoisonedSet, log: dict
   """The grid's vanilla model for this run: trained here unless another run did, then its
   final checkpoint copied into this run's `train/vanilla/`."""
   piece = vanilla_piece(ctx)
-  with piece.claim():
-    computed_here = not piece.done
-    if computed_here:
-      piece_log = {}
-      _train_model(ctx, "vanilla", training_set, piece_log,
-                   directory=shared_checkpoint_dir(piece))
-      piece.mark_done(piece_log)
+
+  def train_vanilla() -> dict:
+    piece_log = {}
+    _train_model(ctx, "vanilla", training_set, piece_log, directory=shared_checkpoint_dir(piece))
+    return piece_log
+
+  computed_here = piece.compute_once(train_vanilla)
   log.update(piece.summary(), shared=piece.directory, trained_by_this_run=computed_here)
   if not computed_here:
     logging.info("train/vanilla: shared with earlier runs of the grid (%s)", piece.directory)
