@@ -101,7 +101,6 @@ class Piece:
       finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
 
-
   def compute_once(self, compute: Callable[[], dict]) -> bool:
     """Runs `compute` (which writes the piece's files and returns its summary) unless the
     piece is done, holding the claim; returns whether it ran here."""

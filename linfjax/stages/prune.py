@@ -266,23 +266,23 @@ class _Models:
     cache_key = tuple((layer, np.asarray(m).tobytes()) for layer, m in sorted(mask_dict.items()))
     if cache_key not in self.tuned:
       cfg = self.ctx.config
-      recipe = finetune.Recipe(**_tuning_settings(cfg))
       s_images, s_labels = self.ctx.clean_set
       started = time.perf_counter()
       self.tuned[cache_key] = finetune.fine_tune(
-          self.model, self.variables, s_images, s_labels, mask_dict, recipe,
+          self.model, self.variables, s_images, s_labels, mask_dict, _tuning_recipe(cfg),
           key=jax.random.fold_in(jax.random.key(cfg.seed), KEY_SALT))
       logging.info("prune: fine-tuned %s on S in %.1f s", name, time.perf_counter() - started)
     return self.tuned[cache_key]
 
 
-def _tuning_settings(cfg) -> dict:
+def _tuning_recipe(cfg) -> finetune.Recipe:
   """The SGD and augmentation settings every tuning on S shares (fine-tuning, unlearning)."""
-  return dict(epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
-              momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
-              batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
-              flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
-              nesterov=bool(cfg.train.nesterov))
+  return finetune.Recipe(
+      epochs=cfg.prune.fine_tune_epochs, learning_rate=cfg.prune.fine_tune_learning_rate,
+      momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+      batch_size=cfg.prune.fine_tune_batch_size, padding=cfg.train.crop_padding,
+      flip=bool(cfg.train.flip), padding_mode=cfg.train.padding_mode,
+      nesterov=bool(cfg.train.nesterov))
 
 
 def _evaluate_one(evaluate, variables, mask_dict: dict, name: str) -> dict[str, float]:
@@ -310,7 +310,7 @@ def _baseline_defense(ctx: RunContext, name: str, model, variables, defender: De
     keep = anp.keep_above(values, cfg.prune.anp_threshold)
     return anp.pruned_variables(variables, keep), anp.num_pruned(keep)
   return unlearning.unlearn(model, variables, s_images, s_labels, defender.trigger,
-                            finetune.Recipe(**_tuning_settings(cfg)), key=key,
+                            _tuning_recipe(cfg), key=key,
                             share=cfg.prune.unlearning_share), 0
 
 
