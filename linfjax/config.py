@@ -22,7 +22,7 @@ from linfjax import errors, models, outliers, train, triggers
 from linfjax import prune as prune_lib
 
 MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11", "vgg16", "alexnet")
-DATA_SOURCES = ("cifar10_dir", "tfds", "image_folder")
+DATA_SOURCES = ("cifar10_dir", "tfds", "image_folder", "gtsrb")
 TRIGGER_KINDS = ("patch", "blend", "sig", "wanet")
 PATCH_PATTERNS = ("solid", "checkerboard", "file")
 BLEND_PATTERNS = ("noise", "file")
@@ -62,8 +62,10 @@ TRIGGER_PRESETS = {
                   warp_seed=0, clean_label=False, cross_ratio=triggers.WANET_CROSS_RATIO),
 }
 
-# Where the shared CIFAR-10 subset sits relative to a checkout of the repo.
+# Where the quick configs' data sit relative to a checkout of the repo: the CIFAR-10 subset
+# and the whole of GTSRB at 32x32 (elsewhere: `python -m linfjax.fetch [gtsrb] DIR`).
 SHARED_SUBSET = "../shared/data/cifar10-subset"
+SHARED_GTSRB = "../shared/data/gtsrb32"
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -80,12 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.source = "tfds"
   config.data.name = "cifar10"  # TFDS dataset name (source="tfds").
   config.data.data_dir = ""  # TFDS data_dir; "" means TFDS's default.
-  # Directory of a cifar-10-batches-py layout (source="cifar10_dir"), or of an image
-  # folder dataset, <path>/<split>/<class>/<images> (source="image_folder", e.g. GTSRB).
+  # Directory of a cifar-10-batches-py layout (source="cifar10_dir"), of an image folder
+  # dataset, <path>/<split>/<class>/<images> (source="image_folder"), or the folder holding
+  # GTSRB/ as its official archives unpack (source="gtsrb").
   config.data.path = ""
   config.data.train_split = "train"  # TFDS split, or image folder split folder.
   config.data.test_split = "test"
-  # (height, width) every image is resized to (sources tfds and image_folder); () keeps
+  # (height, width) every image is resized to (sources tfds, image_folder, gtsrb); () keeps
   # the stored size, which must then be the same for every image.
   config.data.image_size = ()
   config.data.clean_set_size = 500  # The defender's held-out clean set S (METHOD.md).
@@ -261,6 +264,25 @@ def make_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def use_gtsrb(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """GTSRB as it ships (43 classes), resized to 32x32, no flips (a flip turns one sign into
+  another), S held out by track: ours, one 30-frame track per class (1,290 images).
+
+  The quick variant reads ../shared/data/gtsrb32, trains 3 epochs (CA ~96 / ASR ~95 for the
+  small CNN, README "GTSRB") and runs every baseline; the full one trains BackdoorBench's 50
+  epochs on `data.path`, which the user gives.
+  """
+  config.data.source = "gtsrb"
+  config.data.path = SHARED_GTSRB if variant == "quick" else ""
+  config.data.image_size = (32, 32)
+  config.data.clean_set_size = 1290
+  config.train.flip = False
+  config.train.epochs = 3 if variant == "quick" else 50
+  if variant == "quick":
+    config.prune.baselines = PRUNE_BASELINES
+  return config
+
+
 VARIANTS = {"": lambda config: config, "quick": make_quick}
 
 
@@ -354,7 +376,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.name", "is empty; source='tfds' needs a TFDS dataset name such as 'cifar10'")
   if config.data.source == "image_folder" and not config.data.path:
     _fail("data.path", "is empty; source='image_folder' needs a folder holding the train and "
-          "test split folders, each with one folder of images per class (as GTSRB ships)")
+          "test split folders, each with one folder of images per class")
+  if config.data.source == "gtsrb" and not config.data.path:
+    _fail("data.path", "is empty; source='gtsrb' needs the folder holding GTSRB/ as its "
+          "official archives unpack (python -m linfjax.fetch gtsrb DIR)")
   for field in ("train_split", "test_split"):
     if not isinstance(config.data[field], str) or not config.data[field]:
       _fail(f"data.{field}", f"must be a non-empty split name, got {config.data[field]!r}")
@@ -364,7 +389,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data.image_size", f"must be () or (height, width) in pixels, 1..4096, got "
           f"{image_size!r}")
   if image_size and config.data.source == "cifar10_dir":
-    _fail("data.image_size", "applies to the tfds and image_folder sources; cifar10_dir "
+    _fail("data.image_size", "applies to the tfds, image_folder and gtsrb sources; cifar10_dir "
           "images are 32x32")
   _check_int(config, "data.clean_set_size", 1)
   _check_int(config, "data.train_limit", 0)

@@ -269,7 +269,7 @@ def write_subset(batch_dir: str, directory: str, *, size: int = SUBSET_SIZE) -> 
     files.write_bytes(os.path.join(out_dir, META_FILE), f.read())
   for name in BATCH_FILES:
     path = os.path.join(batch_dir, name)
-    batch = data._unpickle(path)  # The restricted unpickler: the archive is untrusted input.
+    batch = data.cifar.unpickle(path)  # The restricted unpickler: the archive is untrusted input.
     rows, labels = batch.get("data"), batch.get("labels")
     if not isinstance(rows, np.ndarray) or rows.ndim != 2 or labels is None \
         or len(labels) != len(rows):

@@ -143,8 +143,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate_against_data(config, image_shape=dataset.image_shape,
                                    num_classes=dataset.num_classes,
                                    num_train=len(dataset.train_labels))
-  split = data.hold_out_clean_set(len(dataset.train_labels), config.data.clean_set_size,
-                                  config.seed)
+  split = data.clean_set_split(dataset, size=config.data.clean_set_size, seed=config.seed)
   if "train" in config.stages:
     try:
       poison.select_poison_indices(dataset.train_labels[split.train_indices],

@@ -109,6 +109,16 @@ def _reverse_section(entry: dict, config: dict, results: dict) -> str:
            f"{_escape(threshold)} with its mask norm below the median; whether or not one is, "
            "the defense uses the most suspicious class's trigger (the smallest mask that "
            "reached the attack-success threshold).</p>"]
+  if "recovery" in entry:
+    recovered = entry["recovery"]
+    rows = [(role, values["class"], values["share"], values["iou"])
+            for role, values in recovered.items() if isinstance(values, dict)]
+    parts.append(f"<p>Trigger recovery: how much of each mask lies on the real trigger's "
+                 f"{recovered['region_pixels']} pixels (outlined in red on the masks below). "
+                 "Share: the mask's mass inside the region; IoU: the overlap of its "
+                 f"{recovered['region_pixels']} largest pixels with the region. A share near 0 "
+                 "means the synthetic trigger is not the real one, though it flips the "
+                 "model.</p>" + _table(["class", "index", "share in region", "IoU"], rows))
   models = {"backdoored": entry, **({"vanilla": entry["vanilla"]} if "vanilla" in entry else {})}
   for kind, values in models.items():
     norms = values.get("mask_l1", [])

@@ -22,7 +22,7 @@ import sys
 from typing import Iterable
 
 # Leaves named so are labels (a seed, a class index), not quantities: counted, never averaged.
-CATEGORICAL = ("seed", "flagged", "suspect", "target")
+CATEGORICAL = ("seed", "flagged", "suspect", "target", "class")
 # The paper's comparison: linf against each other norm, run by run.
 PAIRED_METHODS = (("linf", "l2"), ("linf", "l1"))
 # Per number, +1 when larger is better for the defense, -1 when smaller is.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linfjax import data, images
+from linfjax import data
+from linfjax.data import images
 
 
 def _write(path, array, format_name="PNG"):

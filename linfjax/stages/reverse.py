@@ -44,7 +44,7 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from linfjax import checkpoints, files, outliers, reverse, triggers
+from linfjax import checkpoints, files, outliers, recovery, reverse, triggers
 from linfjax.stages import train as train_stage
 from linfjax.stages.context import RunContext
 
@@ -189,18 +189,30 @@ def _shared_vanilla_solve(ctx: RunContext, log: dict) -> reverse.Reversed:
     return reverse.Reversed(**{name: arrays[name] for name in reverse.Reversed._fields})
 
 
-def _figure(outcome: reverse.Reversed, detection: outliers.Detection, class_names) -> Figure:
-  """Masks, patterns and mask * pattern (rows), one column per class."""
+# Classes per row of the triggers figure; more classes (GTSRB's 43) wrap into further rows.
+FIGURE_COLUMNS = 15
+
+
+def _figure(outcome: reverse.Reversed, detection: outliers.Detection, class_names,
+            region: np.ndarray | None = None) -> Figure:
+  """Masks, patterns and mask * pattern (rows), one column per class, FIGURE_COLUMNS classes
+  a band; the real trigger's `region`, when given, outlined in red on every mask."""
   rows = (("mask", outcome.masks[..., None].repeat(outcome.patterns.shape[-1], -1)),
           ("pattern", outcome.patterns),
           ("mask x pattern", outcome.masks[..., None] * outcome.patterns))
-  columns = len(outcome.masks)
-  figure = Figure(figsize=(1.5 * columns, 1.7 * len(rows) + 0.4), dpi=100)
+  num_classes = len(outcome.masks)
+  columns = min(num_classes, FIGURE_COLUMNS)
+  bands = math.ceil(num_classes / columns)
+  figure = Figure(figsize=(1.5 * columns, (1.7 * len(rows) + 0.4) * bands), dpi=100)
   FigureCanvasAgg(figure)
-  for r, (label, images) in enumerate(rows):
-    for c in range(columns):
-      axes = figure.add_subplot(len(rows), columns, r * columns + c + 1)
+  for c in range(num_classes):
+    band, column = divmod(c, columns)
+    for r, (label, images) in enumerate(rows):
+      axes = figure.add_subplot(len(rows) * bands, columns,
+                                (band * len(rows) + r) * columns + column + 1)
       axes.imshow(np.clip(images[c], 0.0, 1.0), vmin=0.0, vmax=1.0)
+      if r == 0 and region is not None:
+        axes.contour(region.astype(float), levels=[0.5], colors="red", linewidths=0.8)
       axes.set_xticks([])
       axes.set_yticks([])
       if r == 0:
@@ -209,7 +221,7 @@ def _figure(outcome: reverse.Reversed, detection: outliers.Detection, class_name
                  "tab:orange" if c == detection.suspect else "black")
         axes.set_title(f"{c} {class_names[c]}\nl1 {outcome.mask_l1[c]:.0f}, {index}",
                        fontsize="small", color=color)
-      if c == 0:
+      if column == 0:
         axes.set_ylabel(label, fontsize="small")
   return figure
 
@@ -219,8 +231,25 @@ def _json_floats(values) -> list:
   return [float(v) if math.isfinite(v) else None for v in np.asarray(values, np.float64)]
 
 
+def _recovery(ctx: RunContext, outcome: reverse.Reversed, detection: outliers.Detection,
+              region: np.ndarray) -> dict:
+  """How well the suspect's (and the real target's) mask recovers the real trigger's region."""
+  entry = {"region_pixels": int(region.sum())}
+  classes = {"suspect": detection.suspect}
+  if ctx.config.poison.mode == "all_to_one":
+    classes["target"] = ctx.config.poison.target
+  for role, c in classes.items():
+    if c is not None:
+      entry[role] = {"class": int(c), **recovery.recovery(outcome.masks[c], region)}
+  return entry
+
+
 def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict, outliers.Detection]:
-  """Writes one model's arrays and figure; returns its results entry and verdict."""
+  """Writes one model's arrays and figure; returns its results entry and verdict.
+
+  For the backdoored model of a trigger with a region (a patch), the entry's `recovery`
+  says how well the suspect's and the target's masks recover it (linfjax/recovery.py).
+  """
   cfg = ctx.config.reverse
   threshold = cfg.anomaly_threshold or outliers.STATISTICS[cfg.statistic].default_threshold
   detection = outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=cfg.statistic,
@@ -233,7 +262,9 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict
                   patterns=outcome.patterns, mask_l1=outcome.mask_l1,
                   anomaly_index=detection.nc_index, succeeded=outcome.succeeded,
                   **{f"{name}_index": index for name, index in others.items()})
-  figure = _figure(outcome, detection, ctx.dataset.class_names)
+  region = np.asarray(triggers.region(ctx.trigger))
+  region = region if kind == "backdoored" and recovery.has_region(region) else None
+  figure = _figure(outcome, detection, ctx.dataset.class_names, region)
   verdict = (f"flagged {detection.flagged}" if detection.flagged is not None else
              f"none flagged, suspect {detection.suspect}")
   figure.suptitle(f"Neural Cleanse on the {kind} model ({cfg.statistic} index): {verdict}")
@@ -251,6 +282,13 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict
            **{f"{name}_index": _json_floats(index) for name, index in others.items()},
            "mask_l1": [float(v) for v in outcome.mask_l1],
            "succeeded": [bool(v) for v in outcome.succeeded]}
+  if region is not None:
+    entry["recovery"] = _recovery(ctx, outcome, detection, region)
+    for role, values in entry["recovery"].items():
+      if isinstance(values, dict):
+        logging.info("reverse/%s: the %s class %d's mask holds %.1f %% of its mass inside the "
+                     "real trigger (IoU %.2f of its top %d pixels)", kind, role, values["class"],
+                     100 * values["share"], values["iou"], region.sum())
   return entry, detection
 
 

@@ -1,0 +1,18 @@
+"""The paper's experiment on its own data: GTSRB quick (configs/gtsrb_patch.py:quick), 6 seeds.
+
+  python -m linfjax.main --config=configs/grid_gtsrb.py --workdir=runs/grid_gtsrb
+Each run trains a backdoored and a vanilla small CNN on the whole of GTSRB, runs Neural
+Cleanse over the 43 classes on both, the analysis, and every defense. The tables:
+  python -m linfjax.summarize runs/grid_gtsrb/runs/*
+  python -m linfjax.defense_table runs/grid_gtsrb
+"""
+
+from linfjax import config as config_lib
+
+
+def get_config(variant: str = "quick"):
+  config = config_lib.apply_variant(config_lib.base_config(), variant)
+  config.trigger.update(config_lib.TRIGGER_PRESETS["patch"])
+  config_lib.use_gtsrb(config, variant)
+  config.sweep.axes = "seed=0,1,2,3,4,5"
+  return config
