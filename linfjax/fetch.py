@@ -8,8 +8,8 @@ MD5 the page publishes, unpacks `DIR/cifar-10-batches-py/` (the full set: the fu
 read it with `--config.data.source=cifar10_dir --config.data.path=DIR`), and writes the
 quick configs' subset to `DIR/cifar10-subset/`: the first 1,017 images of each of the six
 batch files, in their order, in the original file format, with a SHA256SUMS file. Those
-files are byte for byte the ones in `../shared/data/cifar10-subset` (their digests are
-checked), so a quick run on them is the README's quick run:
+files are byte for byte the quick runs' reference subset (SUBSET_SHA256 is checked), so a
+quick run on them is the README's quick run:
 
     python -m linfjax.main --config=configs/cifar_patch.py:quick --workdir=runs/quick \\
         --config.data.path=DIR/cifar10-subset
@@ -52,8 +52,8 @@ SUBSET_SIZE = 1017  # Images taken from the start of each batch file.
 SUMS_FILE = "SHA256SUMS"
 META_FILE = data.CIFAR_META_FILE
 BATCH_FILES = (*data.CIFAR_TRAIN_FILES, data.CIFAR_TEST_FILE)
-# ../shared/data/cifar10-subset/SHA256SUMS: what write_subset produces from the official
-# archive; a mismatch means other data (or another writer) and is reported.
+# The quick runs' reference subset (its SHA256SUMS): what write_subset produces from the
+# official archive; a mismatch means other data (or another writer) and is reported.
 SUBSET_SHA256 = {
     "batches.meta": "f962466ef690d46b226450fb9aadc74ba4bc64a76aa526b5827fe4bc5c7125cb",
     "data_batch_1": "be16aeb4ba0fb1a51a9d670f2f902d863755c58c8454cfc42a515295b5d03549",
@@ -219,7 +219,7 @@ def encode_batch(batch_label: str, labels: Sequence[int], rows) -> bytes:
 
   Written opcode by opcode, as Python 2's cPickle wrote the originals (byte strings, lists
   appended 1,000 items at a time, the array through numpy.core.multiarray._reconstruct),
-  so that a subset is byte for byte the shared one; `data`'s restricted unpickler reads it.
+  so that a subset is byte for byte the reference one; `data`'s restricted unpickler reads it.
   """
   rows = np.ascontiguousarray(rows, dtype=np.uint8)
   if rows.ndim != 2:
@@ -286,7 +286,7 @@ def write_subset(batch_dir: str, directory: str, *, size: int = SUBSET_SIZE) -> 
 
 
 def matches_shared_subset(directory: str) -> list[str]:
-  """Files of a written subset whose SHA-256 differs from the shared subset's (empty: same)."""
+  """Files of a written subset whose SHA-256 differs from the reference subset's (empty: same)."""
   return [name for name, expected in SUBSET_SHA256.items()
           if _digest(os.path.join(directory, data.CIFAR_BATCH_DIR, name), "sha256") != expected]
 
@@ -307,8 +307,8 @@ def fetch(directory: str, *, url: str = URL, md5: str = MD5, size: int | None = 
     if md5 == MD5 and subset_size == SUBSET_SIZE:
       different = matches_shared_subset(subset_dir)
       log(f"{subset_dir}: {subset_size} images per batch file; " + (
-          "identical to ../shared/data/cifar10-subset (SHA-256 checked)" if not different else
-          f"WARNING: {', '.join(different)} differ from ../shared/data/cifar10-subset's "
+          "identical to the quick runs' reference subset (SHA-256 checked)" if not different else
+          f"WARNING: {', '.join(different)} differ from the quick runs' reference subset's "
           "digests, so runs on it are not comparable with the README's figures"))
   return paths
 
