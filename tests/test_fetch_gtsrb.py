@@ -224,6 +224,56 @@ def test_an_archive_that_unpacks_beyond_its_bound_is_refused(served, tmp_path):
   assert not os.path.exists(os.path.join(directory, "GTSRB"))
 
 
+def test_main_gtsrb_prints_the_next_command(served, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(fetch_gtsrb, "ARCHIVES", served.archives)
+  directory = str(tmp_path / "gtsrb")
+  assert fetch.main(["fetch", "gtsrb", directory, f"--base_url={served.server.base_url}"]) == 0
+  assert _tree(os.path.join(directory, "GTSRB")) == _expected_layout()
+  out = capsys.readouterr().out
+  assert ("python -m linfjax.main --config=configs/gtsrb_patch.py:quick --workdir=runs/gtsrb "
+          f"--config.data.path={directory}\n") in out
+  assert "cifar" not in out
+
+
+def _unreachable() -> str:
+  server = _Server(b"")
+  url = server.base_url
+  server.close()
+  return url
+
+
+def test_main_gtsrb_with_an_unreachable_server_prints_one_line_and_exits_2(tmp_path, capsys):
+  url = _unreachable()
+  assert fetch.main(["fetch", "gtsrb", str(tmp_path / "gtsrb"), f"--base_url={url}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and "cannot connect" in err
+  assert f"{url}GTSRB_Final_Training_Images.zip" in err
+
+
+@pytest.mark.parametrize("args", [["cifar10", "DIR"], ["DIR"]])
+def test_main_without_gtsrb_still_fetches_cifar10(tmp_path, capsys, args):
+  url = _unreachable() + "cifar.tar.gz"
+  argv = [str(tmp_path / "c") if arg == "DIR" else arg for arg in args]
+  assert fetch.main(["fetch", *argv, f"--url={url}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"{url}: cannot connect" in err
+  assert fetch.ARCHIVE in err and os.path.isdir(tmp_path / "c")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gtsrb"], "DIR is missing: python -m linfjax.fetch gtsrb DIR"),
+    (["mnist", "DIR"], "unknown dataset 'mnist'; known: cifar10, gtsrb"),
+    (["cifar10", "DIR", "--base_url=http://x/"], "--base_url is a flag of gtsrb, not of cifar10"),
+    (["gtsrb", "DIR", "--url=http://x/a"], "--url is a flag of cifar10, not of gtsrb"),
+    (["DIR", "--no_subset", "--base_url=http://x/"], "--base_url is a flag of gtsrb")])
+def test_main_misuse_prints_one_line_and_exits_2(tmp_path, capsys, args, message):
+  argv = [str(tmp_path / "d") if arg == "DIR" else arg for arg in args]
+  assert fetch.main(["fetch", *argv]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+  assert not os.path.exists(tmp_path / "d")
+
+
 def test_an_archive_without_its_images_folder_is_not_gtsrbs(tmp_path):
   train, test, gt = _files()
   readme_only = {"GTSRB/Readme-Images.txt": train["GTSRB/Readme-Images.txt"]}
