@@ -1,22 +1,26 @@
-"""Download CIFAR-10 from its official address, verified, and write the quick subset.
+"""Download CIFAR-10 or GTSRB from its official address, verified, resumable.
 
-    python -m linfjax.fetch DIR
+    python -m linfjax.fetch [cifar10] DIR   # CIFAR-10 (the name may be left out)
+    python -m linfjax.fetch gtsrb DIR       # GTSRB (linfjax.fetch_gtsrb)
 
-downloads `cifar-10-python.tar.gz` (163 MB) into DIR from the CIFAR-10 page's address,
-resuming an interrupted download where it stopped (HTTP Range), checks its size and the
-MD5 the page publishes, unpacks `DIR/cifar-10-batches-py/` (the full set: the full configs
-read it with `--config.data.source=cifar10_dir --config.data.path=DIR`), and writes the
-quick configs' subset to `DIR/cifar10-subset/`: the first 1,017 images of each of the six
+CIFAR-10 downloads `cifar-10-python.tar.gz` (163 MB) into DIR from the CIFAR-10 page's
+address, resuming an interrupted download where it stopped (HTTP Range), checks its size and
+the MD5 the page publishes, unpacks `DIR/cifar-10-batches-py/` (the full set: the full
+configs read it with `--config.data.source=cifar10_dir --config.data.path=DIR`), and writes
+the quick configs' subset to `DIR/cifar10-subset/`: the first 1,017 images of each of the six
 batch files, in their order, in the original file format, with a SHA256SUMS file. Those
-files are byte for byte the ones in `../shared/data/cifar10-subset` (their digests are
-checked), so a quick run on them is the README's quick run:
+files are byte for byte the quick runs' reference subset (SUBSET_SHA256 is checked), so a
+quick run on them is the README's quick run:
 
     python -m linfjax.main --config=configs/cifar_patch.py:quick --workdir=runs/quick \\
         --config.data.path=DIR/cifar10-subset
 
+GTSRB downloads its three official archives (348 MB), checked the same way, and unpacks
+DIR/GTSRB/ as GTSRB ships it; the GTSRB configs then read `--config.data.path=DIR`.
+
 Rerunning the command skips what is already done and verified. Nothing is unpacked outside
-`DIR/cifar-10-batches-py/`: an archive member with an absolute path, `..`, a link or a
-device is refused, as is any file other than CIFAR-10's.
+`DIR/cifar-10-batches-py/` (or `DIR/GTSRB/`): an archive member with an absolute path, `..`,
+a link or a device is refused, as is any file other than the dataset's.
 
 References:
   Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009;
@@ -52,8 +56,8 @@ SUBSET_SIZE = 1017  # Images taken from the start of each batch file.
 SUMS_FILE = "SHA256SUMS"
 META_FILE = data.CIFAR_META_FILE
 BATCH_FILES = (*data.CIFAR_TRAIN_FILES, data.CIFAR_TEST_FILE)
-# ../shared/data/cifar10-subset/SHA256SUMS: what write_subset produces from the official
-# archive; a mismatch means other data (or another writer) and is reported.
+# The quick runs' reference subset (its SHA256SUMS): what write_subset produces from the
+# official archive; a mismatch means other data (or another writer) and is reported.
 SUBSET_SHA256 = {
     "batches.meta": "f962466ef690d46b226450fb9aadc74ba4bc64a76aa526b5827fe4bc5c7125cb",
     "data_batch_1": "be16aeb4ba0fb1a51a9d670f2f902d863755c58c8454cfc42a515295b5d03549",
@@ -64,6 +68,7 @@ SUBSET_SHA256 = {
     "test_batch": "00e4efc42fed7c88fe8b076f6f399b001f007b0fef08ab425ae321f63168e460",
 }
 CHUNK = 1 << 20
+DATASETS = ("cifar10", "gtsrb")  # The first argument names one of these, or is DIR.
 
 
 class FetchError(errors.UserError):
@@ -219,7 +224,7 @@ def encode_batch(batch_label: str, labels: Sequence[int], rows) -> bytes:
 
   Written opcode by opcode, as Python 2's cPickle wrote the originals (byte strings, lists
   appended 1,000 items at a time, the array through numpy.core.multiarray._reconstruct),
-  so that a subset is byte for byte the shared one; `data`'s restricted unpickler reads it.
+  so that a subset is byte for byte the reference one; `data`'s restricted unpickler reads it.
   """
   rows = np.ascontiguousarray(rows, dtype=np.uint8)
   if rows.ndim != 2:
@@ -286,7 +291,7 @@ def write_subset(batch_dir: str, directory: str, *, size: int = SUBSET_SIZE) -> 
 
 
 def matches_shared_subset(directory: str) -> list[str]:
-  """Files of a written subset whose SHA-256 differs from the shared subset's (empty: same)."""
+  """Files of a written subset whose SHA-256 differs from the reference subset's (empty: same)."""
   return [name for name, expected in SUBSET_SHA256.items()
           if _digest(os.path.join(directory, data.CIFAR_BATCH_DIR, name), "sha256") != expected]
 
@@ -307,40 +312,72 @@ def fetch(directory: str, *, url: str = URL, md5: str = MD5, size: int | None = 
     if md5 == MD5 and subset_size == SUBSET_SIZE:
       different = matches_shared_subset(subset_dir)
       log(f"{subset_dir}: {subset_size} images per batch file; " + (
-          "identical to ../shared/data/cifar10-subset (SHA-256 checked)" if not different else
-          f"WARNING: {', '.join(different)} differ from ../shared/data/cifar10-subset's "
+          "identical to the quick runs' reference subset (SHA-256 checked)" if not different else
+          f"WARNING: {', '.join(different)} differ from the quick runs' reference subset's "
           "digests, so runs on it are not comparable with the README's figures"))
   return paths
 
 
-def main(argv: Sequence[str]) -> int:
+def _parse(argv: Sequence[str]) -> tuple[str, str, argparse.Namespace]:
+  """(dataset, DIR, flags) from the command line; FetchError for a misuse (one line)."""
   parser = argparse.ArgumentParser(
-      prog="python -m linfjax.fetch", description=__doc__.split("\n\n")[0],
-      epilog="Then: python -m linfjax.main --config=configs/cifar_patch.py:quick "
-             "--workdir=runs/quick --config.data.path=DIR/cifar10-subset")
-  parser.add_argument("directory", metavar="DIR", help="where the archive, the full set and "
-                      "the subset go (created)")
-  parser.add_argument("--url", default=URL, help=f"the archive's address (default: {URL}); "
-                      "a mirror must serve the same file (its MD5 is checked)")
-  parser.add_argument("--no_subset", action="store_true", help="do not write the subset")
+      prog="python -m linfjax.fetch", usage="%(prog)s [cifar10 | gtsrb] DIR [flags]",
+      description=__doc__.split("\n\n")[0],
+      epilog="Then, on CIFAR-10: python -m linfjax.main --config=configs/cifar_patch.py:quick "
+             "--workdir=runs/quick --config.data.path=DIR/cifar10-subset; on GTSRB: python -m "
+             "linfjax.main --config=configs/gtsrb_patch.py:quick --workdir=runs/gtsrb "
+             "--config.data.path=DIR")
+  parser.add_argument("dataset", metavar="DATASET", help=f"one of {', '.join(DATASETS)}; "
+                      "without it, the one argument is DIR and the dataset CIFAR-10")
+  parser.add_argument("directory", metavar="DIR", nargs="?", help="where the archives and "
+                      "the unpacked dataset (CIFAR-10: and the subset) go (created)")
+  parser.add_argument("--url", help=f"cifar10: the archive's address (default: {URL}); a "
+                      "mirror must serve the same file (its MD5 is checked)")
+  parser.add_argument("--no_subset", action="store_true", help="cifar10: no subset")
+  parser.add_argument("--base_url", help="gtsrb: the folder holding the three archives "
+                      "(default: the official one); a mirror must serve the same files")
   args = parser.parse_args(argv[1:])
+  dataset, directory = args.dataset, args.directory
+  if directory is None:
+    if dataset in DATASETS:
+      raise FetchError(f"DIR is missing: python -m linfjax.fetch {dataset} DIR")
+    dataset, directory = "cifar10", args.dataset
+  elif dataset not in DATASETS:
+    raise FetchError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)} (or give "
+                     "only DIR for CIFAR-10)")
+  for flag, value, owner in (("--url", args.url, "cifar10"), ("--no_subset", args.no_subset,
+                             "cifar10"), ("--base_url", args.base_url, "gtsrb")):
+    if value and dataset != owner:
+      raise FetchError(f"{flag} is a flag of {owner}, not of {dataset}; drop it")
+  return dataset, directory, args
+
+
+def main(argv: Sequence[str]) -> int:
   try:
-    paths = fetch(args.directory, url=args.url, subset=not args.no_subset,
-                  progress=sys.stderr.isatty())
-  except errors.UserError as e:
-    print(f"error: {errors.one_line(e)}", file=sys.stderr)
-    return errors.EXIT_USER_ERROR
-  except OSError as e:
-    user_error = errors.from_os_error(e)
+    dataset, directory, args = _parse(argv)
+    if dataset == "gtsrb":
+      from linfjax import fetch_gtsrb  # It imports this module: imported here, when needed.
+      paths = fetch_gtsrb.fetch_gtsrb(directory, base_url=args.base_url or fetch_gtsrb.BASE_URL,
+                                      progress=sys.stderr.isatty())
+    else:
+      paths = fetch(directory, url=args.url or URL, subset=not args.no_subset,
+                    progress=sys.stderr.isatty())
+  except (errors.UserError, OSError) as e:
+    user_error = errors.from_os_error(e) if isinstance(e, OSError) else e
     if user_error is None:
       raise
     print(f"error: {errors.one_line(user_error)}", file=sys.stderr)
     return errors.EXIT_USER_ERROR
+  if dataset == "gtsrb":
+    print("Quick run on GTSRB:\n  python -m linfjax.main --config=configs/gtsrb_patch.py:quick "
+          f"--workdir=runs/gtsrb --config.data.path={paths['data']}")
   if "subset" in paths:
     print("Quick run on the subset:\n  python -m linfjax.main --config=configs/cifar_patch.py:"
           f"quick --workdir=runs/quick --config.data.path={paths['subset']}")
-  print("Full configs on the full set:\n  python -m linfjax.main --config=configs/cifar_patch.py "
-        f"--workdir=runs/patch --config.data.source=cifar10_dir --config.data.path={paths['full']}")
+  if "full" in paths:
+    print("Full configs on the full set:\n  python -m linfjax.main --config=configs/cifar_patch.py "
+          "--workdir=runs/patch --config.data.source=cifar10_dir --config.data.path="
+          f"{paths['full']}")
   return 0
 
 

@@ -31,20 +31,30 @@ def _archive_from(batch_root: str, extra: dict | None = None) -> bytes:
 
 
 class _Server:
-  """Serves `content` at /archive.tar.gz with Range support; can cut a transfer short."""
+  """Serves `content` with Range support; can cut a transfer short.
 
-  def __init__(self, content: bytes):
+  `content` is served at every path (`url` names /archive.tar.gz) when it is bytes; when it
+  is a dict {path: bytes}, each at its path under `base_url`, and any other path is a 404.
+  """
+
+  def __init__(self, content: bytes | dict[str, bytes]):
     self.content = content
     self.cut_after = None  # Close the connection after this many body bytes.
     self.honour_range = True
-    self.ranges, self.bytes_sent = [], 0
+    self.ranges, self.paths, self.bytes_sent = [], [], 0
     server = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
       def do_GET(self):
         body, status = server.content, 200
+        if isinstance(body, dict):
+          body = body.get(self.path.lstrip("/"))
         requested = self.headers.get("Range")
         server.ranges.append(requested)
+        server.paths.append(self.path)
+        if body is None:
+          self.send_error(404)
+          return
         start = 0
         if requested and server.honour_range:
           start = int(requested.split("=")[1].split("-")[0])
@@ -70,7 +80,8 @@ class _Server:
         pass
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/archive.tar.gz"
+    self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+    self.url = self.base_url + "archive.tar.gz"
     self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
     self.thread.start()
 
