@@ -44,7 +44,9 @@ import numpy as np
 
 from linfjax import config as config_lib
 from linfjax import data as data_lib
-from linfjax import models, poison, train, triggers
+from linfjax import models
+from linfjax.attacks import poison, triggers
+from linfjax.training import train
 import lockstep_timing
 
 _IMAGES = flags.DEFINE_integer("images", 50000, "images per timed epoch", lower_bound=1)
@@ -169,7 +171,8 @@ def _write_cifar_dir(root: str, subset, train_count: int, test_count: int) -> st
 
 PIPELINE_CHILD = """
 import json, sys, time
-from linfjax import compile_cache, config as config_lib, pipeline
+from linfjax.runs import compile_cache, pipeline
+from linfjax import config as config_lib
 compile_cache.enable("off")
 config = config_lib.base_config()  # configs/cifar_patch.py: BadNets on the full config.
 config.trigger.update(config_lib.TRIGGER_PRESETS["patch"])

@@ -40,7 +40,7 @@ from absl import app, flags
 import jax
 
 from linfjax import config as config_lib
-from linfjax import grid
+from linfjax.runs import grid
 import lockstep_timing
 
 _AXES = flags.DEFINE_string("axes", "trigger=patch,blend poison.rate=0.05,0.1 seed=0,1",

@@ -14,7 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from linfjax import config as config_lib
-from linfjax import lockstep, models, poison, train, triggers
+from linfjax.runs import lockstep
+from linfjax import models
+from linfjax.attacks import poison, triggers
+from linfjax.training import train
 
 
 def _states_and_inputs(name: str, batch: int, replicas: int, width: float, dtype: str):

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from linfjax import config as config_lib
-from linfjax import models, poison, train, triggers
+from linfjax import models
+from linfjax.attacks import poison, triggers
+from linfjax.training import train
 
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per model (the best counts)",
                               lower_bound=1)

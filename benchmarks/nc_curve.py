@@ -29,9 +29,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from linfjax import outliers, pipeline, reverse
-from linfjax.stages import reverse as reverse_stage
-from linfjax.stages import train as train_stage
+from linfjax.detection import outliers, neural_cleanse as reverse
+from linfjax.runs import pipeline
+from linfjax.runs.stages import reverse as reverse_stage
+from linfjax.runs.stages import train as train_stage
 
 
 def _indices(state) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -32,7 +32,9 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from linfjax import models, norms, triggers
+from linfjax import models
+from linfjax.detection import norms
+from linfjax.attacks import triggers
 
 _TIMING_IMAGES = flags.DEFINE_integer("timing_images", 1000, "images in the timing runs",
                                       lower_bound=1)

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import models, prune, triggers
+from linfjax import models
+from linfjax.defenses import pruning as prune
+from linfjax.attacks import triggers
 
 _IMAGES = flags.DEFINE_integer("images", 500, "images per level, each evaluated clean and "
                                "triggered", lower_bound=1)

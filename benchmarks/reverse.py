@@ -1,6 +1,6 @@
 """Neural Cleanse over all classes: one vmapped solve against a loop over the classes.
 
-Times `linfjax.reverse.solve` (every class's mask and pattern in one jitted, vmapped
+Times `linfjax.detection.neural_cleanse.solve` (every class's mask and pattern in one jitted, vmapped
 update; the model's weights and the batch shared) against `solve_per_class` (the same
 math, seeds and batches, one class at a time), for the quick config's small CNN, randomly
 initialised, on random 32x32x3 images. Early stopping is off, so both run every step.
@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from linfjax import config as config_lib
-from linfjax import models, reverse
+from linfjax import models
+from linfjax.detection import neural_cleanse as reverse
 
 _STEPS = flags.DEFINE_integer("steps", 3, "Neural Cleanse steps per variant", lower_bound=1)
 _MINI_BATCHES = flags.DEFINE_integer("mini_batches", 4, "Adam updates per step", lower_bound=1)

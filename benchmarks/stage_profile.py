@@ -147,7 +147,7 @@ def _instrument(counters: _Counters) -> None:
 def child(spec: dict) -> None:
   counters = _Counters()
   _instrument(counters)
-  from linfjax import compile_cache, pipeline
+  from linfjax.runs import compile_cache, pipeline
   compile_cache.enable(spec["cache"])
   config = make_config(spec["config"], spec["tiny"])
   stages = dict(pipeline.STAGES)

@@ -31,7 +31,9 @@ import torch
 from torch.nn import functional as F
 
 from linfjax import config as config_lib
-from linfjax import models, poison, train, triggers
+from linfjax import models
+from linfjax.attacks import poison, triggers
+from linfjax.training import train
 import torch_preact_resnet
 
 _STEPS = flags.DEFINE_integer("steps", 8, "timed training steps per framework (PreActResNet-18)",

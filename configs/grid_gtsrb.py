@@ -3,8 +3,8 @@
   python -m linfjax.main --config=configs/grid_gtsrb.py --workdir=runs/grid_gtsrb
 Each run trains a backdoored and a vanilla small CNN on the whole of GTSRB, runs Neural
 Cleanse over the 43 classes on both, the analysis, and every defense. The tables:
-  python -m linfjax.summarize runs/grid_gtsrb/runs/*
-  python -m linfjax.defense_table runs/grid_gtsrb
+  python -m linfjax.reports.summarize runs/grid_gtsrb/runs/*
+  python -m linfjax.reports.defense_table runs/grid_gtsrb
 """
 
 from linfjax import config as config_lib

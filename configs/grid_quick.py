@@ -5,7 +5,7 @@ Change the axes from the command line, e.g. a smaller grid:
   python -m linfjax.main --config=configs/grid_quick.py \
       --config.sweep.axes="poison.rate=0.05,0.1 seed=0" --workdir=runs/grid_small
 Each run is a complete run directory, runs/grid_quick/runs/<name>/; the grid report is
-runs/grid_quick/grid_report.html (rebuild it with `python -m linfjax.grid_report DIR`).
+runs/grid_quick/grid_report.html (rebuild it with `python -m linfjax.reports.grid_report DIR`).
 """
 
 from linfjax import config as config_lib

@@ -55,7 +55,7 @@ def main_command(python: str, config: str, workdir: str, *,
 
 def report_command(python: str, workdir: str) -> list[str]:
   """Rebuilds the grid report of WORKDIR from its run directories."""
-  return [python, "-m", "linfjax.grid_report", workdir]
+  return [python, "-m", "linfjax.reports.grid_report", workdir]
 
 
 def shell_line(command: Sequence[str], env: Mapping[str, str] | None = None) -> str:

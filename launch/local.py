@@ -7,7 +7,7 @@ With --processes=1 this runs `python -m linfjax.main --config=CONFIG --workdir=D
 processes it starts P at once, process i with `--shard=i/P --quiet` (and with
 --devices_per_process=D, CUDA_VISIBLE_DEVICES=i*D,...,i*D+D-1: GPUs counted from 0 in the
 order CUDA lists them), waits for all, prints each exit code, then rebuilds the grid report
-with `python -m linfjax.grid_report DIR`, also when a shard failed. The exit code is 0 only
+with `python -m linfjax.reports.grid_report DIR`, also when a shard failed. The exit code is 0 only
 if every process succeeded. --dry_run prints the same as a shell script. Arguments after
 `--` go to linfjax.main.
 """

@@ -12,7 +12,7 @@ file system), as `subprocess.run(command, check=True, cwd=...)`. Each task is on
 on one node, so --gpus_per_task is submitit's `gpus_per_node`. submitit keeps the sbatch
 script, pickles and logs of every task in --slurm_logs. The dry run imports no submitit: it
 prints the executor, the keyword arguments of `update_parameters` and every task's command.
-Once every task has finished, `python -m linfjax.grid_report DIR` builds the grid's report.
+Once every task has finished, `python -m linfjax.reports.grid_report DIR` builds the grid's report.
 Arguments after `--` go to linfjax.main.
 """
 

@@ -17,7 +17,7 @@
   collect  one scp per worker of its ~/linfjax/WORKDIR into the parent of the local
            WORKDIR: the workers' runs/<name>/ (each has its own), grid.json and shared/
            (the same content under the same names on all) merge into the local WORKDIR
-  report   python -m linfjax.grid_report WORKDIR, here
+  report   python -m linfjax.reports.grid_report WORKDIR, here
   delete   gcloud compute tpus tpu-vm delete NAME (gcloud asks to confirm)
 
 Each command is printed, then run with subprocess.run(check=True), so the first failure

@@ -18,8 +18,12 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from linfjax import errors, models, outliers, train, triggers
-from linfjax import prune as prune_lib
+from linfjax import errors
+from linfjax import models
+from linfjax.detection import outliers
+from linfjax.training import train
+from linfjax.attacks import triggers
+from linfjax.defenses import pruning as prune_lib
 
 MODEL_NAMES = ("cnn", "preact_resnet18", "vgg11", "vgg16", "alexnet")
 DATA_SOURCES = ("cifar10_dir", "tfds", "image_folder", "gtsrb")
@@ -43,7 +47,7 @@ MULTI_LAYER_RANKINGS = prune_lib.MULTI_LAYER_RANKINGS
 PRUNE_BASELINES = ("anp", "clp", "nc_unlearning")
 
 # Named trigger settings: what configs/cifar_{patch,blend,sig,wanet}.py use, and what a
-# grid axis `trigger=patch,blend,sig,wanet` sets (linfjax/grid.py). Each sets how the
+# grid axis `trigger=patch,blend,sig,wanet` sets (linfjax/runs/grid.py). Each sets how the
 # attack poisons (clean_label, cross_ratio) too, so a grid's runs differ only in the attack.
 TRIGGER_PRESETS = {
     # BadNets: a 3x3 white patch at the bottom-right corner.
@@ -149,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.compute_dtype = "float32"
   config.train.eval_batch_size = 500
 
-  # Neural Cleanse (linfjax/reverse.py, nc_schedule.py, outliers.py). Values from NC's code
+  # Neural Cleanse (linfjax/detection/neural_cleanse.py, nc_schedule.py, outliers.py). Values from NC's code
   # (its GTSRB example) unless marked "ours". A step is `mini_batches` Adam updates followed
   # by the adaptive-cost bookkeeping; patiences are counted in Adam updates.
   config.reverse = ml_collections.ConfigDict()
@@ -169,7 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.reverse.success_images = 0
   config.reverse.early_stop_threshold = 1.0  # Stalled: best norm >= this x the earlier best.
   config.reverse.early_stop_patience = 400  # Stalled Adam updates before a class stops (NC: 25 steps).
-  # The outlier index (linfjax/outliers.py): NC's MAD index ("nc"), the same on log norms
+  # The outlier index (linfjax/detection/outliers.py): NC's MAD index ("nc"), the same on log norms
   # ("log"), or median norm / class norm ("ratio", ours; README "Defaults we chose").
   config.reverse.statistic = "ratio"
   # The index above which a class is flagged; 0: the statistic's own (nc and log: NC's 2;
@@ -177,7 +181,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.reverse.anomaly_threshold = 0.0
   config.reverse.checkpoint_every = 10  # Ours: steps between checkpoints.
 
-  # The lp-based pruning defense and Fine-Pruning (linfjax/prune.py, METHOD.md).
+  # The lp-based pruning defense and Fine-Pruning (linfjax/defenses/pruning.py, METHOD.md).
   config.prune = ml_collections.ConfigDict()
   config.prune.layer = ""  # Empty: the model's default probe (last conv map before pooling).
   config.prune.norms = PRUNE_NORMS
@@ -220,7 +224,7 @@ def base_config() -> ml_collections.ConfigDict:
   # epochs, learning rate and batch are the fine_tune_* fields.
   config.prune.unlearning_share = 0.2
 
-  # A grid of runs (linfjax/grid.py, linfjax/sweep.py); empty axes: a single run.
+  # A grid of runs (linfjax/runs/grid.py, linfjax/runs/sweep.py); empty axes: a single run.
   config.sweep = ml_collections.ConfigDict()
   config.sweep.axes = ""  # e.g. "trigger=patch,blend poison.rate=0.05,0.1 seed=0,1,2".
   # Models trained in lockstep (vmapped over runs) per device. 1: one after another on a
@@ -228,7 +232,7 @@ def base_config() -> ml_collections.ConfigDict:
   # the runs axis is sharded over them, one model per device at a time.
   config.sweep.models_per_device = 1
   # Work that several runs need (each distinct vanilla model) done once per grid, in
-  # GRID/shared/ (linfjax/shared_work.py); False: every run does all its own work.
+  # GRID/shared/ (linfjax/runs/shared_work.py); False: every run does all its own work.
   config.sweep.share = True
   return config
 

@@ -46,7 +46,7 @@ INLINE_RULES = {
     "prune.layer": "a layer name of the model; empty: the default probe",
     "prune.norms": f"distinct names from {', '.join(map(repr, config_lib.PRUNE_NORMS))}",
     "prune.levels": "fractions in [0, 1) (level_unit='fraction') or counts >= 0 ('count')",
-    "sweep.axes": "'FIELD=V1,V2,... FIELD=...' (linfjax/grid.py); empty: a single run",
+    "sweep.axes": "'FIELD=V1,V2,... FIELD=...' (linfjax/runs/grid.py); empty: a single run",
 }
 
 

@@ -1,7 +1,7 @@
 """Download CIFAR-10 or GTSRB from its official address, verified, resumable.
 
     python -m linfjax.fetch [cifar10] DIR   # CIFAR-10 (the name may be left out)
-    python -m linfjax.fetch gtsrb DIR       # GTSRB (linfjax.fetch_gtsrb)
+    python -m linfjax.fetch gtsrb DIR       # GTSRB (linfjax.data.fetch_gtsrb)
 
 CIFAR-10 downloads `cifar-10-python.tar.gz` (163 MB) into DIR from the CIFAR-10 page's
 address, resuming an interrupted download where it stopped (HTTP Range), checks its size and
@@ -356,7 +356,7 @@ def main(argv: Sequence[str]) -> int:
   try:
     dataset, directory, args = _parse(argv)
     if dataset == "gtsrb":
-      from linfjax import fetch_gtsrb  # It imports this module: imported here, when needed.
+      from linfjax.data import fetch_gtsrb  # It imports this module: imported here, when needed.
       paths = fetch_gtsrb.fetch_gtsrb(directory, base_url=args.base_url or fetch_gtsrb.BASE_URL,
                                       progress=sys.stderr.isatty())
     else:

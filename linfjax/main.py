@@ -1,8 +1,8 @@
 """Command line: `python -m linfjax.main --config=configs/cifar_patch.py:quick --workdir=DIR`.
 
-Runs the config's stages (see `linfjax.pipeline`) into DIR; rerunning the same
+Runs the config's stages (see `linfjax.runs.pipeline`) into DIR; rerunning the same
 command resumes where a killed run stopped and skips finished stages. A config with
-`sweep.axes` runs a grid of runs into DIR/runs/<name>/ (see `linfjax.sweep`), e.g.
+`sweep.axes` runs a grid of runs into DIR/runs/<name>/ (see `linfjax.runs.sweep`), e.g.
 `--config=configs/grid_quick.py`; `--shard=I/N` or `--distributed` share it among
 processes or hosts (launch/ submits such jobs).
 
@@ -54,7 +54,7 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
                     "(process_index/process_count).", flag_values=values)
   flags.DEFINE_string("compile_cache", "", "Directory of JAX's persistent compilation cache, "
                       "or 'off'; default $LINFJAX_COMPILE_CACHE, else "
-                      "~/.cache/linfjax/jax/<cpu> (linfjax/compile_cache.py).",
+                      "~/.cache/linfjax/jax/<cpu> (linfjax/runs/compile_cache.py).",
                       flag_values=values)
   flags.DEFINE_integer("verbosity", 0, "Logging detail: -1 warnings only, 0 progress (the "
                        "default), 1 also debug logs and the traceback of a user error.",
@@ -91,7 +91,8 @@ def _run(values: flags.FlagValues) -> int:
   """Runs the job; returns the exit status (1: some runs of this grid process failed)."""
   import jax  # Imported here: --help and command-line mistakes answer without loading JAX.
 
-  from linfjax import compile_cache, grid, pipeline, progress, report, sweep
+  from linfjax.runs import compile_cache, grid, pipeline, progress, sweep
+  from linfjax.reports import report
 
   config = values.config
   bars = not values.quiet and sys.stderr.isatty()

@@ -7,9 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from linfjax import files, norms, pipeline
-from linfjax.stages import analysis
-from linfjax.stages import reverse as reverse_stage
+from linfjax import files
+from linfjax.detection import norms
+from linfjax.runs import pipeline
+from linfjax.runs.stages import analysis
+from linfjax.runs.stages import reverse as reverse_stage
 from test_pipeline import tiny_config
 
 SUMMARY_KEYS = {"z", "top1_share", "rel"}

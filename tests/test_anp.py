@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from linfjax import models
-from linfjax.baselines import anp, bn
+from linfjax.defenses import anp, bn
 
 EPS = 1e-5  # Flax BatchNorm's epsilon.
 

@@ -7,8 +7,10 @@ import optax
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import pipeline, train, triggers
-from linfjax.stages import train as train_stage
+from linfjax.runs import pipeline
+from linfjax.training import train
+from linfjax.attacks import triggers
+from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, write_cifar_dir
 
-from linfjax import checkpoints, files, main, pipeline
+from linfjax.runs import checkpoints, pipeline
+from linfjax import files, main
 from linfjax import config as config_lib
-from linfjax import train as train_lib
-from linfjax.stages import train as train_stage
+from linfjax.training import train as train_lib
+from linfjax.runs.stages import train as train_stage
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "cifar_patch.py")
 

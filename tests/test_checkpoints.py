@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import checkpoints
+from linfjax.runs import checkpoints
 
 
 def test_round_trip_is_exact_for_every_dtype_and_copies_keep_the_latest(tmp_path):

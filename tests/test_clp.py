@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from linfjax import models
-from linfjax.baselines import bn, clp
+from linfjax.defenses import bn, clp
 
 
 def _tiny(name, width=0.125):

@@ -4,7 +4,7 @@ import os
 
 import jax
 
-from linfjax import compile_cache
+from linfjax.runs import compile_cache
 
 
 def test_setting_beats_environment_beats_default(tmp_path, monkeypatch):

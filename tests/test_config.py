@@ -139,7 +139,7 @@ def test_clean_label_needs_all_to_one_and_noise_mode_needs_wanet():
 
 
 def test_trigger_presets_set_every_attack_field_on_a_grid_axis():
-  from linfjax import grid
+  from linfjax.runs import grid
   config = _load_config_file("configs/cifar_wanet.py", "quick")
   config.sweep.axes = "trigger=patch,blend,sig,wanet"
   runs = {run.values["trigger"]: run.config.trigger for run in grid.expand(config)}

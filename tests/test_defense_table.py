@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from linfjax import defense_table, grid_report
+from linfjax.reports import defense_table, grid_report
 from test_grid_report import REPO_ROOT, _grid, _results
 
 
@@ -42,7 +42,7 @@ def test_methods_pick_and_order_and_unknown_ones_are_named(grid_dir):
 
 
 def test_command_line_prints_the_table_and_fails_clearly(grid_dir, tmp_path):
-  done = subprocess.run([sys.executable, "-m", "linfjax.defense_table", grid_dir,
+  done = subprocess.run([sys.executable, "-m", "linfjax.reports.defense_table", grid_dir,
                          "--methods=linf"], cwd=REPO_ROOT, capture_output=True, text=True,
                         timeout=60, check=False)
   assert done.returncode == 0, done.stderr

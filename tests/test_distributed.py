@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 
-from linfjax import pipeline
+from linfjax.runs import pipeline
 from test_pipeline import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,8 @@ def test_two_processes_finish_every_run_as_alone(cifar_dir, tmp_path):
 FAILING_GRID = """
 import sys
 sys.path.insert(0, {tests!r})
-from linfjax import main, pipeline
+from linfjax import main
+from linfjax.runs import pipeline
 from test_pipeline import tiny_config
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from test_fetch import _Server
 
-from linfjax import fetch, fetch_gtsrb
+from linfjax import fetch
+from linfjax.data import fetch_gtsrb
 
 CLASSES = ("00000", "00001", "00002")
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2"

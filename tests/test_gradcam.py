@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import gradcam, triggers
+from linfjax.detection import gradcam
+from linfjax.attacks import triggers
 
 K = 3
 

@@ -3,7 +3,7 @@
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import grid
+from linfjax.runs import grid
 
 
 def quick_grid(axes: str):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from linfjax import grid_report
+from linfjax.reports import grid_report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["train", "reverse", "prune"]
@@ -220,7 +220,7 @@ def test_command_line_writes_the_report_and_fails_clearly(tmp_path):
   root = str(tmp_path / "grid")
   _grid(root, AXES[1:], [({"poison.rate": r, "seed": s}, _results(s, 60.0, 95.0))
                          for r in (0.05, 0.1) for s in (0, 1)])
-  done = subprocess.run([sys.executable, "-m", "linfjax.grid_report", root], cwd=REPO_ROOT,
+  done = subprocess.run([sys.executable, "-m", "linfjax.reports.grid_report", root], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=60, check=False)
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == os.path.join(root, "grid_report.html")

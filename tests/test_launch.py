@@ -40,7 +40,7 @@ def test_main_command_and_shell_line():
   assert common.shell_line(command, {"CUDA_VISIBLE_DEVICES": "0,1", "A": "x y"}) == (
       f"CUDA_VISIBLE_DEVICES=0,1 A='x y' py -m linfjax.main --config={CONFIG} "
       "'--workdir=runs/my grid' --shard=1/4 --quiet --config.seed=2")
-  assert common.report_command("py", "w") == ["py", "-m", "linfjax.grid_report", "w"]
+  assert common.report_command("py", "w") == ["py", "-m", "linfjax.reports.grid_report", "w"]
 
 
 def test_local_jobs():
@@ -59,7 +59,7 @@ def test_local_dry_run():
   assert out.splitlines() == [f"CUDA_VISIBLE_DEVICES=0 {main} --shard=0/2 --quiet &",
                               f"CUDA_VISIBLE_DEVICES=1 {main} --shard=1/2 --quiet &",
                               "wait",
-                              f"{PY} -m linfjax.grid_report runs/g"]
+                              f"{PY} -m linfjax.reports.grid_report runs/g"]
   code, out, _ = cli("local.py", f"--config={CONFIG}", "--workdir=runs/g", "--dry_run")
   assert (code, out) == (0, main + "\n")
 
@@ -205,7 +205,7 @@ def test_tpu_commands():
       ("collect", ["mkdir", "-p", "runs"]),
       *[("collect", vm + ["scp", "--recurse", "t:~/linfjax/runs/g", "runs",
                           f"--worker={w}"] + where) for w in range(4)],
-      ("report", [PY, "-m", "linfjax.grid_report", "runs/g"])]
+      ("report", [PY, "-m", "linfjax.reports.grid_report", "runs/g"])]
 
 
 def test_tpu_steps_and_workers():

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import metrics, triggers
+from linfjax.training import metrics
+from linfjax.attacks import triggers
 
 
 def test_attack_metrics_by_hand():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import nc_schedule
+from linfjax.detection import nc_schedule
 
 
 def _schedule(**overrides):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import norms, triggers
+from linfjax.detection import norms
+from linfjax.attacks import triggers
 
 
 def test_norms_match_numpy():

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from linfjax import outliers
+from linfjax.detection import outliers
 
 
 def _np_anomaly_index(values):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import pipeline, train
+from linfjax.runs import pipeline
+from linfjax.training import train
 
 
 def tiny_config(cifar_dir, **train_overrides):

@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import data, gradcam, metrics, pixels, triggers
+from linfjax import data, pixels
+from linfjax.detection import gradcam
+from linfjax.training import metrics
+from linfjax.attacks import triggers
 
 
 def _uint8_images(n=4, size=8, seed=0):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from linfjax import poison, triggers
+from linfjax.attacks import poison, triggers
 
 
 def _labels(n=200, seed=0):

@@ -8,7 +8,7 @@ import tqdm
 from absl import flags, logging
 from test_pipeline import tiny_config
 
-from linfjax import pipeline, progress
+from linfjax.runs import pipeline, progress
 
 
 class _Output:

@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import finetune, metrics, models, pipeline, prune, triggers
-from linfjax.baselines import anp, clp, unlearning
-from linfjax.stages import prune as prune_stage
-from linfjax.stages import train as train_stage
+from linfjax.training import finetune, metrics
+from linfjax import models
+from linfjax.runs import pipeline
+from linfjax.defenses import pruning as prune
+from linfjax.attacks import triggers
+from linfjax.defenses import anp, clp, nc_unlearning as unlearning
+from linfjax.runs.stages import prune as prune_stage
+from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
 METHODS = ("linf", "l2", "l1", "linf_ft", "l2_ft", "l1_ft", "linf_layers", "linf_layers_ft",

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from test_pipeline import tiny_config
 
-from linfjax import pipeline, recovery
+from linfjax.runs import pipeline
+from linfjax.detection import recovery
 
 
 def _region(height=6, width=6, rows=slice(4, 6), cols=slice(4, 6)):

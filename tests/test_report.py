@@ -8,8 +8,9 @@ import re
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from linfjax import pipeline, report
-from linfjax.stages import train as train_stage
+from linfjax.runs import pipeline
+from linfjax.reports import report
+from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 from test_reverse import PlantedModel
 

@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import models, outliers, pipeline, reverse, triggers
-from linfjax.stages import reverse as reverse_stage
-from linfjax.stages import train as train_stage
+from linfjax import models
+from linfjax.detection import outliers, neural_cleanse as reverse
+from linfjax.runs import pipeline
+from linfjax.attacks import triggers
+from linfjax.runs.stages import reverse as reverse_stage
+from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
 STRIPE = 3  # Columns per class stripe.

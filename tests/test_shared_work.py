@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from linfjax import pipeline, reverse, shared_work, sweep, train
-from linfjax.stages import reverse as reverse_stage
-from linfjax.stages import train as train_stage
+from linfjax.runs import pipeline, shared_work, sweep
+from linfjax.detection import neural_cleanse as reverse
+from linfjax.training import train
+from linfjax.runs.stages import reverse as reverse_stage
+from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from linfjax import summarize
+from linfjax.reports import summarize
 
 RUNS = [{"seed": 0, "train": {"backdoored": {"ASR": 90.0}}, "reverse": {"flagged": None},
          "prune": {"synthetic": {"skipped": "no class flagged"}}},

@@ -12,8 +12,8 @@ import pytest
 from jax import monitoring
 
 from linfjax import config as config_lib
-from linfjax import lockstep, pipeline, sweep
-from linfjax.stages import train as train_stage
+from linfjax.runs import lockstep, pipeline, sweep
+from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
 COMPILES = collections.Counter()
@@ -173,7 +173,7 @@ SHARDED_GRID = """
 import json, sys
 sys.path.insert(0, "tests")
 import jax
-from linfjax import lockstep, sweep
+from linfjax.runs import lockstep, sweep
 from test_pipeline import tiny_config
 assert jax.local_device_count() == 8, jax.devices()
 groups, real_fit = [], lockstep.fit

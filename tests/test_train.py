@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import models, poison, train, triggers
+from linfjax import models
+from linfjax.attacks import poison, triggers
+from linfjax.training import train
 
 
 def _quadrant_set(n=256, size=16, seed=0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from linfjax import config as config_lib
-from linfjax import triggers, warp
+from linfjax.attacks import triggers, warp
 
 
 def _trigger_config(**overrides):

@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import finetune, metrics, models, poison, train, triggers
-from linfjax.baselines import unlearning
+from linfjax.training import finetune, metrics, train
+from linfjax import models
+from linfjax.attacks import poison, triggers
+from linfjax.defenses import nc_unlearning as unlearning
 from test_train import _quadrant_set, _recipe
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax import warp
+from linfjax.attacks import warp
 
 
 def _keys(x, a=-0.75):

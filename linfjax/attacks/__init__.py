@@ -1,0 +1,1 @@
+"""Attacks: triggers as pure functions of a batch, and poisoning."""

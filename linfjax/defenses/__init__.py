@@ -1,0 +1,1 @@
+"""Backdoor defenses: pruning as a mask transform and the baselines."""

@@ -1,0 +1,71 @@
+"""Neural Cleanse unlearning: fine-tune on S with a share of it stamped, labels kept.
+
+Neural Cleanse's mitigation by unlearning: from the defender's clean data, a share
+(20 %) of the images carry the reverse-engineered (synthetic) trigger but keep their true
+labels, and the model is fine-tuned on the whole set, so it learns that the trigger does
+not mean the target class. BackdoorBench's NC row does this with 5 % of the training
+data, `unlearning_ratio` 0.2, SGD lr 0.01 with cosine decay; here the clean data is S.
+
+The training is linfjax's own (`train.fit`): the stamped examples are flagged and the
+step stamps them after augmentation, as it stamps poisoned ones when training.
+
+References:
+  Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
+  Networks", IEEE S&P 2019.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linfjax.training import finetune, train
+from linfjax import models
+from linfjax.attacks import poison, triggers
+
+SHARE = 0.2  # Share of S stamped with the synthetic trigger (NC; BackdoorBench's 0.2).
+
+
+def unlearning_set(images: np.ndarray, labels: np.ndarray, *, share: float,
+                   seed: int) -> poison.PoisonedSet:
+  """S with `round(share * N)` examples (seeded) flagged for stamping, every label kept."""
+  count = poison.poison_count(len(labels), share)
+  if not 0 < count <= len(labels):
+    raise ValueError(f"unlearning share {share} of {len(labels)} images stamps {count}; "
+                     "it must stamp at least one image and at most all")
+  chosen = np.sort(np.random.default_rng([seed, 0x0C]).choice(len(labels), count, replace=False))
+  stamp = np.zeros(len(labels), bool)
+  stamp[chosen] = True
+  return poison.PoisonedSet(np.asarray(images), np.asarray(labels, np.int32), stamp,
+                            chosen.astype(np.int64), np.zeros(len(labels), bool),
+                            np.zeros(0, np.int64))
+
+
+def unlearn(model: models.LayeredClassifier, variables, images: np.ndarray, labels: np.ndarray,
+            trigger: triggers.AnyTrigger, recipe: finetune.Recipe, *, key: jax.Array,
+            share: float = SHARE) -> dict:
+  """Fine-tunes the backdoored model on S with the unlearning stamps; returns new variables.
+
+  Args:
+    model: the classifier; variables: its variables (not modified).
+    images: S, uint8 [N, H, W, C]; labels: [N] int, their true labels.
+    trigger: the synthetic trigger (Neural Cleanse's reverse-engineered mask and pattern).
+    recipe: epochs, SGD and augmentation settings (those of fine-tuning).
+    key: draws the stamped examples (`fold_in(key, 0)`'s seed), shuffles and augments.
+    share: the share of S stamped with the trigger.
+
+  Raises:
+    train.TrainingDiverged: when the loss is not finite.
+  """
+  seed = int(jax.random.randint(jax.random.fold_in(key, 0), (), 0, 2**31 - 1))
+  data = train.to_device(unlearning_set(images, labels, share=share, seed=seed))
+  batch_size = min(recipe.batch_size, len(labels))
+  total_steps = recipe.epochs * train.steps_per_epoch(len(labels), batch_size)
+  state = train.create_state(model, jax.tree.map(jnp.array, variables),  # The step donates.
+                             train.make_optimizer(recipe, total_steps))
+  state = train.fit(state, data, trigger,
+                    train.Recipe(recipe.epochs, batch_size, recipe.padding, recipe.flip,
+                                 recipe.padding_mode),
+                    key=jax.random.fold_in(key, 1))
+  return train.variables(state)

@@ -1,0 +1,1 @@
+"""Looking inside a model: activation norms, Grad-CAM, Neural Cleanse, outliers."""

@@ -1,0 +1,1 @@
+"""What a run or a grid shows: report.html, the grid report, figures, tables."""

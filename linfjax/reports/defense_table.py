@@ -1,0 +1,94 @@
+"""One Markdown table of a grid's defenses side by side, from its aggregates.csv.
+
+    python -m linfjax.reports.defense_table GRID_DIR [--source=synthetic] [--methods=linf,anp,...]
+
+A row per combination of the grid's non-seed axes (aggregates.csv's groups, written by
+`linfjax.reports.grid_report` at the end of every grid): finished runs of the group, the backdoored
+model's CA and ASR before any defense, the classes Neural Cleanse flagged (counts over the
+runs), then each defense's ASR after it, with its CA after in brackets. Every number is
+"mean ± sd" over the group's finished runs (sample sd, ddof 1; the mean alone for one run).
+The defenses are the pruning methods of `prune.<source>` in results.json's order (linf, l2,
+l1, Fine-Pruning, ..., anp, clp, nc_unlearning), or those `--methods` names, in its order.
+The HTML grid report shows the same numbers with 95 % CIs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+from typing import Sequence
+
+from absl import app, flags
+
+from linfjax import errors
+from linfjax.reports import grid_report
+
+_SOURCE = flags.DEFINE_enum("source", "synthetic", list(grid_report.PRUNE_SOURCES),
+                            "which trigger the defenses used")
+_METHODS = flags.DEFINE_list("methods", [], "defenses to show, in order (default: all)")
+
+
+class DefenseTableError(errors.UserError, ValueError):
+  """aggregates.csv is missing, or lacks what the table needs."""
+
+
+def read_aggregates(grid_dir: str) -> list[dict[str, str]]:
+  path = os.path.join(grid_dir, grid_report.AGGREGATES_CSV)
+  if not os.path.exists(path):
+    raise DefenseTableError(f"{path}: not found; a grid writes it when it ends (or run "
+                            f"`python -m linfjax.reports.grid_report {grid_dir}`)")
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "runs" not in rows[0]:
+    raise DefenseTableError(f"{path}: no groups, or not an aggregates.csv")
+  return rows
+
+
+def _mean_sd(row: dict[str, str], column: str) -> str:
+  mean, sd = row.get(f"{column}.mean", ""), row.get(f"{column}.sd", "")
+  if not mean:
+    return "-"
+  return f"{float(mean):.1f} ± {float(sd):.1f}" if sd else f"{float(mean):.1f}"
+
+
+def markdown(rows: Sequence[dict[str, str]], *, source: str = "synthetic",
+             methods: Sequence[str] = ()) -> str:
+  """The table (see the module docstring) for aggregates.csv's `rows`."""
+  header = list(rows[0])
+  groups = header[:header.index("runs")]
+  available = list(dict.fromkeys(
+      match.group(1) for column in header
+      if (match := re.fullmatch(rf"prune\.{source}\.([^.]+)\.CA\.mean", column))))
+  unknown = [m for m in methods if m not in available]
+  if unknown:
+    raise DefenseTableError(f"no defense {unknown} under prune.{source}; the grid has "
+                            f"{available or 'none'}")
+  chosen = list(methods) or available
+  lines = ["| " + " | ".join([*groups, "runs", "CA before", "ASR before", "flagged",
+                              *chosen]) + " |",
+           "|" + " --- |" * (len(groups) + 4 + len(chosen))]
+  for row in rows:
+    cells = [row[g] for g in groups] + [row["finished"],
+                                        _mean_sd(row, "train.backdoored.CA"),
+                                        _mean_sd(row, "train.backdoored.ASR"),
+                                        row.get("reverse.flagged.counts") or "-"]
+    cells += [f"{_mean_sd(row, f'prune.{source}.{m}.ASR_real')} "
+              f"({_mean_sd(row, f'prune.{source}.{m}.CA')})" for m in chosen]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m linfjax.reports.defense_table GRID_DIR [--source=...] "
+                         "[--methods=...]")
+  try:
+    print(markdown(read_aggregates(argv[1]), source=_SOURCE.value, methods=_METHODS.value))
+  except DefenseTableError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,413 @@
+"""The grid report: many runs of the pipeline in one directory, tabulated and aggregated.
+
+    python -m linfjax.reports.grid_report GRID_DIR
+
+GRID_DIR holds `grid.json` (axes and runs) and a run directory per run, `runs/<name>/`,
+with `error.json` in it when the run's last attempt failed. `write_grid_report` writes:
+  grid.csv          a row per run (grid.json's order): `name`, `status`, a column per axis,
+                    then every number of its results.json under its dotted path;
+  aggregates.csv    a row per combination of the non-seed axes: the axes, `runs`,
+                    `finished`, then per result column `<column>.n`, `.mean`, `.sd` (ddof 1)
+                    and `.ci95` (Student-t 95 % CI half-width) over its finished runs;
+  figures/*.png     CA and ASR against `poison.rate` (else the first non-seed axis), a line
+                    per combination of the other non-seed axes: `train.backdoored.png`, and
+                    `prune.<source>.<method>.png` per pruning method in results.json;
+  grid_report.html  status counts, failed runs and why, headline aggregates, the figures
+                    (embedded, as in linfjax/reports/report.py), a link to each run's report.html.
+A run is `finished` when results.json holds every stage its config.json names, `failed`
+when error.json exists or a file of it cannot be read, else `incomplete`; only finished
+runs are aggregated. A list in results.json is a column per element (`...anomaly_index.0`),
+null an empty cell not counted in n; strings and booleans are left out. Labels (`seed` and
+class indices: `summarize.CATEGORICAL`, e.g. `reverse.flagged`) are shown per run but
+never averaged: aggregates.csv counts their values per group in `<column>.counts`
+("0: 2, null: 1"). n is the number of finished runs that have a number in a column, so a
+column some runs lack (an older run's skipped `prune.synthetic`) says so by its n.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import re
+import sys
+import urllib.parse
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.stats
+from absl import app, logging
+
+from linfjax import errors, files
+from linfjax.reports import figures, report, summarize
+
+GRID_FILE = "grid.json"
+ERROR_FILE = "error.json"
+GRID_CSV = "grid.csv"
+AGGREGATES_CSV = "aggregates.csv"
+HTML_FILE = "grid_report.html"
+FIGURES_DIR = "figures"
+SEED_AXIS = "seed"
+STATUSES = ("finished", "failed", "incomplete")
+STATS = ("n", "mean", "sd", "ci95")
+TRAIN_HEADLINES = tuple(f"train.{m}.{k}" for m in ("backdoored", "vanilla") for k in ("CA", "ASR"))
+PRUNE_SOURCES = ("synthetic", "real")
+PRUNE_HEADLINES = ("CA", "ASR_real", "DER", "r_star")
+LEFT = ' class="text"'
+
+
+class GridReportError(errors.UserError, ValueError):
+  """grid.json is missing or does not describe a grid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of the grid as its directory shows it."""
+  name: str
+  values: dict[str, Any]  # axis field -> this run's value
+  status: str  # one of STATUSES
+  numbers: dict[str, Any]  # dotted results.json path -> number, or None for null
+  error: str = ""  # failed runs: the exception's type, or what could not be read
+  message: str = ""
+  traceback: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregate:
+  """One combination of the non-seed axes and its finished runs' statistics."""
+  values: dict[str, Any]  # non-seed axis field -> value
+  runs: int
+  finished: int
+  stats: dict[str, dict[str, Any]]  # result column -> mean_ci(...)
+  counts: dict[str, str] = dataclasses.field(default_factory=dict)  # label column -> counts
+
+
+def read_grid(grid_dir: str) -> tuple[list[tuple[str, list]], list[tuple[str, dict]]]:
+  """grid.json's axes as (field, values) and runs as (name, values), checked."""
+  path = os.path.join(grid_dir, GRID_FILE)
+  if not os.path.isfile(path):
+    raise GridReportError(f"{path}: not found; is {grid_dir} a grid directory?")
+  try:
+    with open(path) as f:
+      grid = json.load(f)
+  except (OSError, ValueError) as e:
+    raise GridReportError(f"{path}: not valid JSON ({e})") from None
+  if not (isinstance(grid, dict) and isinstance(grid.get("axes"), list)
+          and isinstance(grid.get("runs"), list)):
+    raise GridReportError(f'{path}: expected an object {{"axes": [...], "runs": [...]}}')
+  axes = []
+  for i, axis in enumerate(grid["axes"]):
+    if not (isinstance(axis, dict) and isinstance(axis.get("field"), str)
+            and isinstance(axis.get("values"), list)):
+      raise GridReportError(f'{path}: axes[{i}] should be {{"field": str, "values": list}}, '
+                            f"found {axis!r}")
+    if axis["field"] in ("name", "status") or axis["field"] in dict(axes):
+      raise GridReportError(f"{path}: axis field {axis['field']!r} is repeated or reserved")
+    axes.append((axis["field"], axis["values"]))
+  if not grid["runs"]:
+    raise GridReportError(f"{path}: lists no runs")
+  runs, fields = [], {field for field, _ in axes}
+  for i, run in enumerate(grid["runs"]):
+    name = run.get("name") if isinstance(run, dict) else None
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+      raise GridReportError(f"{path}: runs[{i}] needs a 'name' that is a directory name "
+                            f"under runs/, found {name!r}")
+    if name in dict(runs):
+      raise GridReportError(f"{path}: run name {name!r} appears twice")
+    values = run.get("values")
+    if not isinstance(values, dict) or set(values) != fields:
+      raise GridReportError(f"{path}: run {name!r} should give one value per axis "
+                            f"({', '.join(sorted(fields))}), found {values!r}")
+    runs.append((name, values))
+  return axes, runs
+
+
+def flatten_results(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """Numbers and nulls of nested dicts and lists under dotted paths, list items by index.
+
+  `{"reverse": {"flagged": None, "anomaly_index": [0.5, 3.1], "note": "x"}}` gives
+  `{"reverse.flagged": None, "reverse.anomaly_index.0": 0.5, "reverse.anomaly_index.1": 3.1}`.
+  """
+  if tree is None or (isinstance(tree, (int, float)) and not isinstance(tree, bool)):
+    return {prefix[:-1]: tree}
+  items = (tree.items() if isinstance(tree, dict) else
+           enumerate(tree) if isinstance(tree, list) else ())
+  leaves = {}
+  for key, value in items:
+    leaves.update(flatten_results(value, f"{prefix}{key}."))
+  return leaves
+
+
+def _read_object(path: str) -> dict | None:
+  """The JSON object in `path`, None if absent; ValueError saying what is wrong otherwise."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{os.path.basename(path)} is not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{os.path.basename(path)} holds a {type(value).__name__}, not an object")
+  return value
+
+
+def read_run(grid_dir: str, name: str, values: dict[str, Any]) -> Run:
+  """The run `runs/<name>` with its status, its numbers and, if it failed, why."""
+  run_dir = os.path.join(grid_dir, "runs", name)
+  contents, problems = {}, []
+  for file in ("config.json", "results.json", ERROR_FILE):
+    try:
+      contents[file] = _read_object(os.path.join(run_dir, file))
+    except ValueError as e:
+      contents[file] = None
+      problems.append(str(e))
+  config, results, error = (contents[f] for f in ("config.json", "results.json", ERROR_FILE))
+  numbers = flatten_results(results) if results else {}
+  if error is not None:
+    return Run(name, values, "failed", numbers, str(error.get("error", "")),
+               str(error.get("message", "")), str(error.get("traceback", "")))
+  stages = config.get("stages") if config is not None else []
+  if not (isinstance(stages, list) and all(isinstance(s, str) for s in stages)):
+    problems.append(f"config.json: 'stages' should be a list of stage names, found {stages!r}")
+  if problems:
+    logging.warning("run %s: %s", name, "; ".join(problems))
+    return Run(name, values, "failed", numbers, "unreadable run files", "; ".join(problems))
+  finished = (config is not None and results is not None
+              and all(stage in results for stage in stages))
+  return Run(name, values, "finished" if finished else "incomplete", numbers)
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+  """n, mean, sample sd (ddof 1) and the 95 % CI half-width of the mean.
+
+  The half-width is `t_{0.975, n-1} * sd / sqrt(n)` (Student's t); sd and ci95 are None
+  for fewer than two values, the mean for none.
+  """
+  n = len(values)
+  sd = float(np.std(values, ddof=1)) if n > 1 else None
+  ci95 = float(scipy.stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else None
+  return {"n": n, "mean": float(np.mean(values)) if n else None, "sd": sd, "ci95": ci95}
+
+
+def _value_counts(values: Sequence[Any]) -> str:
+  """'0: 2, null: 1' for a label column's values (None is null)."""
+  counts: dict[str, int] = {}
+  for value in values:
+    key = "null" if value is None else f"{value:g}"
+    counts[key] = counts.get(key, 0) + 1
+  return ", ".join(f"{key}: {n}" for key, n in counts.items())
+
+
+def aggregate(runs: Sequence[Run], fields: Sequence[str], columns: Sequence[str],
+              labels: Sequence[str] = ()) -> list[Aggregate]:
+  """Per combination of `fields` (in order of first appearance), its finished runs' stats
+  over `columns` and value counts of the `labels` columns."""
+  groups: dict[tuple, list[Run]] = {}
+  for run in runs:
+    groups.setdefault(json.dumps([run.values[f] for f in fields]), []).append(run)
+  rows = []
+  for members in groups.values():
+    finished = [run for run in members if run.status == "finished"]
+    stats = {c: mean_ci([run.numbers[c] for run in finished if run.numbers.get(c) is not None])
+             for c in columns}
+    counts = {c: _value_counts([run.numbers[c] for run in finished if c in run.numbers])
+              for c in labels}
+    rows.append(Aggregate({f: members[0].values[f] for f in fields}, len(members),
+                          len(finished), stats, counts))
+  return rows
+
+
+def _cell(value: Any) -> str:
+  """A CSV cell: empty for None, strings as they are, anything else as JSON writes it."""
+  if value is None or isinstance(value, str):
+    return value or ""
+  return json.dumps(value, sort_keys=True)
+
+
+def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+  buffer = io.StringIO()
+  csv.writer(buffer, lineterminator="\n").writerows(
+      [_cell(value) for value in row] for row in [header, *rows])
+  files.write_text(path, buffer.getvalue())
+
+
+def _methods(columns: Sequence[str], source: str) -> list[str]:
+  """Pruning methods (norms, fine_pruning) with a CA column under prune.<source>."""
+  return list(dict.fromkeys(column.split(".")[2] for column in columns
+                            if re.fullmatch(rf"prune\.{source}\.[^.]+\.CA", column)))
+
+
+def _write_figures(grid_dir: str, axes: Sequence[tuple[str, list]],
+                   aggregates: Sequence[Aggregate], columns: Sequence[str]) -> tuple[list, str]:
+  """CA and ASR against the x axis, before and after pruning; (PNG paths, note if none)."""
+  fields = [field for field, _ in axes if field != SEED_AXIS]
+  if not fields:
+    return [], "The grid has no axis besides seed: no line plots."
+  x_field = "poison.rate" if "poison.rate" in fields else fields[0]
+  x_values = dict(axes)[x_field]
+  if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values):
+    x_values = sorted(x_values)
+  lines: dict[str, dict[str, Aggregate]] = {}
+  for row in aggregates:
+    label = ", ".join(f"{f}={_cell(row.values[f])}" for f in fields if f != x_field)
+    lines.setdefault(label or "all runs", {})[_cell(row.values[x_field])] = row
+
+  def series(points, column):  # (means, CI half-widths) along x_values, NaN where none
+    stats = [points[_cell(x)].stats.get(column, {}) if _cell(x) in points else {}
+             for x in x_values]
+    return tuple(np.array([np.nan if s.get(k) is None else s[k] for s in stats], float)
+                 for k in ("mean", "ci95"))
+
+  settings = [("train.backdoored", "backdoored model, no defense", "ASR")]
+  settings += [(f"prune.{source}.{method}", f"after {method} pruning ({source} trigger)",
+                "ASR_real") for source in PRUNE_SOURCES for method in _methods(columns, source)]
+  os.makedirs(os.path.join(grid_dir, FIGURES_DIR), exist_ok=True)
+  paths = []
+  for prefix, title, asr in settings:
+    panels = {ylabel: {label: series(points, f"{prefix}.{key}") for label, points in lines.items()}
+              for key, ylabel in (("CA", "CA (%)"), (asr, "ASR, real trigger (%)"))}
+    if all(np.isnan(means).all() for lines_ in panels.values() for means, _ in lines_.values()):
+      continue
+    figure = figures.mean_ci_lines(x_values, panels, xlabel=x_field,
+                                   title=f"{title}; mean and 95 % CI over seeds")
+    paths.append(figures.save(figure, os.path.join(grid_dir, FIGURES_DIR, f"{prefix}.png")))
+  return paths, "" if paths else "No finished run has CA/ASR numbers yet: no line plots."
+
+
+def _esc(value: Any) -> str:
+  return html.escape(str(value))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
+  """An HTML table of already escaped cells; the first `text_columns` are left-aligned."""
+  def cells(tag, row):
+    return "".join(f"<{tag}{LEFT if i < text_columns else ''}>{v}</{tag}>"
+                   for i, v in enumerate(row))
+  return ("<table><tr>" + cells("th", [_esc(h) for h in header]) + "</tr>"
+          + "".join(f"<tr>{cells('td', row)}</tr>" for row in rows) + "</table>")
+
+
+def _mean_ci_text(stats: dict[str, Any]) -> str:
+  spread = "" if stats.get("ci95") is None else f" ± {stats['ci95']:.2f}"
+  return f"{stats['mean']:.2f}{spread} ({stats['n']})" if stats.get("n") else "-"
+
+
+def _aggregate_tables(aggregates: Sequence[Aggregate], fields: Sequence[str],
+                      columns: Sequence[str]) -> str:
+  """Headline metrics as "mean ± CI (n)": training, then each pruning source by method."""
+  labels = [[_esc(_cell(row.values[f])) for f in fields] + [f"{row.finished}/{row.runs}"]
+            for row in aggregates]
+  train = [c for c in TRAIN_HEADLINES if c in columns]
+  parts = ["<h3>Before pruning</h3>",
+           _table([*fields, "finished/runs", *train],
+                  [label + [_mean_ci_text(row.stats[c]) for c in train]
+                   for label, row in zip(labels, aggregates)], len(fields) + 1)]
+  for source in PRUNE_SOURCES:
+    rows = [label + [_esc(m)] + [_mean_ci_text(row.stats.get(f"prune.{source}.{m}.{k}", {}))
+                                 for k in PRUNE_HEADLINES]
+            for label, row in zip(labels, aggregates) for m in _methods(columns, source)]
+    if rows:
+      parts += [f"<h3>After pruning, {_esc(source)} trigger</h3>",
+                _table([*fields, "finished/runs", "method", *PRUNE_HEADLINES], rows,
+                       len(fields) + 2)]
+  return "".join(parts)
+
+
+def _image(path: str, caption: str) -> str:
+  with open(path, "rb") as f:
+    data = base64.b64encode(f.read()).decode("ascii")
+  return (f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
+          f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def render(grid_dir: str, axes: Sequence[tuple[str, list]], runs: Sequence[Run],
+           aggregates: Sequence[Aggregate], columns: Sequence[str], pngs: Sequence[str],
+           figure_note: str) -> str:
+  """The grid report's HTML."""
+  fields = [field for field, _ in axes]
+  grouped = [field for field in fields if field != SEED_AXIS]
+  failed = [run for run in runs if run.status == "failed"]
+  parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>linfjax grid '
+           f"{_esc(os.path.basename(os.path.abspath(grid_dir)))}</title>"
+           f"<style>{report.STYLE}</style></head><body><h1>linfjax grid report</h1>",
+           f"<p>grid directory <code>{_esc(os.path.abspath(grid_dir))}</code>; axes: " + "; ".join(
+               f"{_esc(f)} ({_esc(', '.join(map(_cell, values)))})" for f, values in axes) + "</p>",
+           "<h2>Status</h2>",
+           _table(["status", "runs"], [[s, str(sum(r.status == s for r in runs))]
+                                       for s in STATUSES], 1),
+           "<h2>Failed runs</h2>"]
+  parts.append(_table(["run", "error", "message"], [
+      [_esc(r.name), _esc(r.error), _esc(r.message) + (
+          f"<details><summary>traceback</summary><pre>{_esc(r.traceback)}</pre></details>"
+          if r.traceback else "")] for r in failed], 3) if failed else "<p>none</p>")
+  parts += ["<h2>Aggregates over finished runs</h2>",
+            f"<p>mean ± 95 % CI half-width (n: the finished runs that have the number; "
+            f"fewer than finished where some runs lack it), grouped by "
+            f"{_esc(', '.join(grouped) or 'nothing (one group)')}; every number's n, mean, sd "
+            f"and CI are in <code>{AGGREGATES_CSV}</code>, every run's in "
+            f"<code>{GRID_CSV}</code>.</p>",
+            _aggregate_tables(aggregates, grouped, columns), "<h2>Figures</h2>"]
+  parts += [_image(path, os.path.relpath(path, grid_dir)) for path in pngs]
+  parts.append(f'<p class="note">{_esc(figure_note)}</p>' if figure_note else "")
+  links = []
+  for run in runs:
+    target = f"runs/{run.name}/{report.REPORT_FILE}"
+    link = (f'<a href="{_esc(urllib.parse.quote(target, safe="/=,"))}">report</a>'
+            if os.path.exists(os.path.join(grid_dir, target)) else "no report yet")
+    links.append([_esc(run.name), run.status, *(_esc(_cell(run.values[f])) for f in fields),
+                  link])
+  parts += ["<h2>Runs</h2>", _table(["run", "status", *fields, "report"], links,
+                                    len(fields) + 3), "</body></html>"]
+  return "\n".join(parts)
+
+
+def write_grid_report(grid_dir: str) -> str:
+  """Writes grid.csv, aggregates.csv, figures/ and grid_report.html; returns the html path.
+
+  Raises:
+    GridReportError: grid.json is missing or invalid (the message names the file and the
+      problem). A run whose files cannot be read is reported as failed instead.
+  """
+  axes, listed = read_grid(grid_dir)
+  runs = [read_run(grid_dir, name, values) for name, values in listed]
+  fields = [field for field, _ in axes]
+  columns = list(dict.fromkeys(c for run in runs for c in run.numbers
+                               if c not in {"name", "status", *fields}))
+  _write_csv(os.path.join(grid_dir, GRID_CSV), ["name", "status", *fields, *columns],
+             [[run.name, run.status, *(run.values[f] for f in fields),
+               *(run.numbers.get(c) for c in columns)] for run in runs])
+  grouped = [field for field in fields if field != SEED_AXIS]
+  measured = [c for c in columns if not summarize.is_categorical(c)]
+  labels = [c for c in columns if summarize.is_categorical(c) and c != SEED_AXIS]
+  aggregates = aggregate(runs, grouped, measured, labels)
+  _write_csv(os.path.join(grid_dir, AGGREGATES_CSV),
+             [*grouped, "runs", "finished", *(f"{c}.{s}" for c in measured for s in STATS),
+              *(f"{c}.counts" for c in labels)],
+             [[*(row.values[f] for f in grouped), row.runs, row.finished,
+               *(row.stats[c][s] for c in measured for s in STATS),
+               *(row.counts[c] for c in labels)] for row in aggregates])
+  pngs, figure_note = _write_figures(grid_dir, axes, aggregates, measured)
+  path = os.path.join(grid_dir, HTML_FILE)
+  files.write_text(path, render(grid_dir, axes, runs, aggregates, measured, pngs, figure_note))
+  logging.info("grid report %s: %s", path, ", ".join(
+      f"{sum(r.status == s for r in runs)} {s}" for s in STATUSES))
+  return path
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m linfjax.reports.grid_report GRID_DIR")
+  try:
+    print(write_grid_report(argv[1]))
+  except GridReportError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

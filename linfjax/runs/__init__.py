@@ -1,0 +1,1 @@
+"""Running configs: the pipeline of stages, grids, shared work, checkpoints, progress."""

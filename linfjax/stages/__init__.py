@@ -1,1 +1,0 @@
-"""The pipeline's stages, one module each: inputs, outputs and checkpoints of one step."""

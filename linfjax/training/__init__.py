@@ -1,0 +1,1 @@
+"""Training a classifier: the SGD step, fine-tuning on S, CA/ASR/RA."""
