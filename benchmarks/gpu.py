@@ -45,7 +45,8 @@ import numpy as np
 from linfjax import config as config_lib
 from linfjax import data as data_lib
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.training import train
 import lockstep_timing
 
@@ -76,7 +77,7 @@ def linfjax_epoch(images, labels, batch: int, dtype: str, width: float) -> float
   steps = train.steps_per_epoch(len(labels), batch)
   state = train.create_state(model, models.init(model, jax.random.key(0), IMAGE_SHAPE),
                              train.make_optimizer(config_lib.base_config().train, 2 * steps))
-  trigger = triggers.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3, np.float32))
+  trigger = attacks.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3, np.float32))
   data = train.to_device(poison.poison(images, labels, trigger, rate=0.1, target=0,
                                        mode="all_to_one", stamp="after_augmentation",
                                        num_classes=10, seed=0))
@@ -200,7 +201,7 @@ def pipeline_extrapolated(path: str, recipe: dict, epochs: int, reverse_steps: i
   if tiny:
     overrides.update({"model.width": 0.125, "data.clean_set_size": 100, "train.batch_size": 32,
                       "train.eval_batch_size": 50, "reverse.mini_batches": 1,
-                      "reverse.batch_size": 16, "prune.fine_tune_epochs": 1})
+                      "reverse.batch_size": 16, "prune.fine_tune.epochs": 1})
   with tempfile.TemporaryDirectory(prefix="linfjax_gpu_run_") as workdir:
     completed = subprocess.run([sys.executable, "-c", PIPELINE_CHILD, json.dumps(overrides),
                                 workdir], cwd=REPO, capture_output=True, text=True,

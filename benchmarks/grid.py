@@ -74,7 +74,7 @@ def short_schedule() -> list[str]:
   flags_ = [f"--config.train.epochs={_EPOCHS.value}", "--config.reverse.steps=2",
             f"--config.data.train_limit={setting('train_limit')}",
             f"--config.data.test_limit={setting('test_limit')}",
-            "--config.reverse.checkpoint_every=2", "--config.prune.fine_tune_epochs=1",
+            "--config.reverse.checkpoint_every=2", "--config.prune.fine_tune.epochs=1",
             "--quiet", "--compile_cache=off"]
   if _TINY.value:
     flags_ += ["--config.data.train_limit=300", "--config.data.test_limit=100",

@@ -16,7 +16,8 @@ import numpy as np
 from linfjax import config as config_lib
 from linfjax.runs import lockstep
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.training import train
 
 
@@ -28,7 +29,7 @@ def _states_and_inputs(name: str, batch: int, replicas: int, width: float, dtype
   count = batch + 7 * replicas
   images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, count).astype(np.int32)
-  trigger = triggers.patch((32, 32, 3), size=3, row=29, col=29, pattern=np.ones(3, np.float32))
+  trigger = attacks.patch((32, 32, 3), size=3, row=29, col=29, pattern=np.ones(3, np.float32))
   training_set = poison.poison(images, labels, trigger, rate=0.1, target=0, mode="all_to_one",
                                stamp="after_augmentation", num_classes=10, seed=0)
   data = train.to_device(training_set)

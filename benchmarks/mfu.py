@@ -28,7 +28,8 @@ import numpy as np
 
 from linfjax import config as config_lib
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.training import train
 
 _STEPS = flags.DEFINE_integer("steps", 3, "timed steps per model (the best counts)",
@@ -75,7 +76,7 @@ def step_mfu(name: str, batch: int, dtype: str, peak: float, *, width: float, st
                              train.make_optimizer(recipe, 1000))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8)
-  trigger = triggers.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3, np.float32))
+  trigger = attacks.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3, np.float32))
   data = train.to_device(poison.poison(images, rng.integers(0, 10, batch), trigger, rate=0.1,
                                        target=0, mode="all_to_one", stamp="after_augmentation",
                                        num_classes=10, seed=0))

@@ -34,7 +34,7 @@ import numpy as np
 
 from linfjax import models
 from linfjax.detection import norms
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 _TIMING_IMAGES = flags.DEFINE_integer("timing_images", 1000, "images in the timing runs",
                                       lower_bound=1)
@@ -54,7 +54,7 @@ def _setup(num_images: int):
   model = models.create("cnn", num_classes=10, probe_layers=models.layer_names(model))
   variables = models.init(model, jax.random.key(0), IMAGE_SHAPE)
   images = np.random.default_rng(0).integers(0, 256, (num_images, *IMAGE_SHAPE), np.uint8)
-  trigger = triggers.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3))
+  trigger = attacks.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3))
   return model, variables, images, trigger
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from linfjax import models
 from linfjax.defenses import pruning as prune
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 _IMAGES = flags.DEFINE_integer("images", 500, "images per level, each evaluated clean and "
                                "triggered", lower_bound=1)
@@ -60,7 +60,7 @@ def main(argv):
   variables = models.init(model, jax.random.key(0), IMAGE_SHAPE)
   layer = model.default_probe
   images = np.random.default_rng(0).integers(0, 256, (_IMAGES.value, *IMAGE_SHAPE), np.uint8)
-  trigger = triggers.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3))
+  trigger = attacks.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3))
   order = np.random.default_rng(1).permutation(128)
   stack = jnp.asarray(prune.masks(order, np.arange(LEVELS) * 4))
   batches = [images[i:i + BATCH] for i in range(0, len(images), BATCH)]
@@ -72,7 +72,7 @@ def main(argv):
     return run
 
   full = jax.jit(lambda v, x, m: jnp.argmax(
-      model.apply(v, jnp.concatenate([x, triggers.apply(trigger, x)]), {layer: m})[0], -1))
+      model.apply(v, jnp.concatenate([x, attacks.apply(trigger, x)]), {layer: m})[0], -1))
 
   def passes():
     out = []

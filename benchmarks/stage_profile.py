@@ -65,7 +65,7 @@ def make_config(name: str, tiny: bool):
     config.reverse.steps = SHORT["reverse_steps"]
     config.reverse.mini_batches = SHORT["reverse_mini_batches"]
     config.reverse.checkpoint_every = SHORT["reverse_steps"]
-    config.prune.fine_tune_epochs = SHORT["fine_tune_epochs"]
+    config.prune.fine_tune.epochs = SHORT["fine_tune_epochs"]
   if tiny:
     config.data.train_limit, config.data.test_limit = 300, 100
     config.data.clean_set_size = 100

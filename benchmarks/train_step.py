@@ -32,7 +32,8 @@ from torch.nn import functional as F
 
 from linfjax import config as config_lib
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.training import train
 import torch_preact_resnet
 
@@ -175,7 +176,7 @@ def main(argv):
   warmup, steps = _WARMUP.value, _STEPS.value
   training_set = _dataset(warmup + steps)
   data = train.to_device(training_set)
-  trigger = triggers.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3))
+  trigger = attacks.patch(IMAGE_SHAPE, size=3, row=29, col=29, pattern=np.ones(3))
   key = jax.random.key(1)
   batches = np.array(train.epoch_batches(jax.random.key(2), (warmup + steps) * BATCH, BATCH))
   state = _jax_state("preact_resnet18", warmup + steps)

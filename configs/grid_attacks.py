@@ -11,12 +11,13 @@ The baselines' rows are `prune.synthetic.{anp,clp,nc_unlearning}` in each run's 
 """
 
 from linfjax import config as config_lib
+from linfjax import defenses
 
 
 def get_config(variant: str = "quick"):
   config = config_lib.apply_variant(config_lib.base_config(), variant)
   config.trigger.update(config_lib.TRIGGER_PRESETS["patch"])
   config.poison.rate = 0.08
-  config.prune.baselines = config_lib.PRUNE_BASELINES
+  config.prune.defenses = defenses.DEFAULT_SYNTHETIC + defenses.BASELINES
   config.sweep.axes = "trigger=patch,blend,sig,wanet seed=0,1,2"
   return config

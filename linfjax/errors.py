@@ -8,7 +8,7 @@ wrong, where (the config field, file or directory) and how to fix it, for exampl
 `linfjax.main` prints it as one line and exits with `EXIT_USER_ERROR`, with the traceback
 only at `--verbosity=1` or higher; any other exception is a bug and keeps its traceback.
 Library code raises the subclass of the module that detects the problem
-(`config.ConfigError`, `data.DatasetError`, `triggers.TriggerError`,
+(`config.ConfigError`, `data.DatasetError`, `attacks.TriggerError`,
 `pipeline.WorkdirError`, `checkpoints.CheckpointError`, `train.TrainingDiverged`,
 `reverse.ReverseDiverged`), so callers can catch one kind or all of them.
 """

@@ -48,7 +48,7 @@ TINY = ["--config.data.clean_set_size=20", "--config.model.width=0.125",
         "--config.train.epochs=2", "--config.train.batch_size=16",
         "--config.train.eval_batch_size=32", "--config.poison.rate=0.2",
         "--config.reverse.steps=4", "--config.reverse.mini_batches=1",
-        "--config.reverse.checkpoint_every=1", "--config.prune.fine_tune_epochs=1", "--quiet"]
+        "--config.reverse.checkpoint_every=1", "--config.prune.fine_tune.epochs=1", "--quiet"]
 
 
 @dataclasses.dataclass

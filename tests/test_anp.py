@@ -73,7 +73,7 @@ def test_perturbation_multiplies_scale_and_bias():
 
 def test_one_mask_step_matches_the_hand_computation():
   model, variables, x, labels = _setup()
-  settings = anp.Settings(eps=0.4, steps=1, alpha=0.2, learning_rate=0.2, momentum=0.9)
+  settings = anp.Hyperparameters(eps=0.4, steps=1, alpha=0.2, learning_rate=0.2, momentum=0.9)
   optimizer = anp._optimizer(settings.learning_rate, settings.momentum)
   masks = {"BatchNorm_0": jnp.array([1.0, 0.9, 0.2, 0.6])}
   key = jax.random.key(7)
@@ -99,7 +99,7 @@ def test_one_mask_step_matches_the_hand_computation():
 def test_learned_masks_and_pruning_by_threshold_and_count():
   model, variables, x, labels = _setup()
   images = np.clip(x * 40 + 128, 0, 255).astype(np.uint8)
-  settings = anp.Settings(iterations=3, batch_size=4, padding=1)
+  settings = anp.Hyperparameters(iterations=3, batch_size=4, padding=1)
   losses = []
   values = anp.learn_masks(model.apply, variables, images, labels, settings=settings,
                            key=jax.random.key(2), on_update=losses.append)

@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
+from linfjax import attacks, keys
 from linfjax import config as config_lib
 from linfjax.runs import pipeline
 from linfjax.training import train
-from linfjax.attacks import triggers
 from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
@@ -43,7 +43,7 @@ def test_train_step_warps_noise_mode_examples_with_fresh_noise():
   weights = jnp.asarray(rng.normal(size=(6 * 6 * 3, 3)), jnp.float32)
   apply_fn = lambda variables, x, train, mutable: (
       (x.reshape(x.shape[0], -1) @ variables["params"]["w"], {}), {"batch_stats": {}})
-  trigger = triggers.wanet((6, 6, 3), grid_size=2, strength=2.0, seed=0)
+  trigger = attacks.wanet.wanet((6, 6, 3), grid_size=2, strength=2.0, seed=0)
   key = jax.random.key(3)
   noise = np.array([False, True, False, True])
   data = train.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.zeros(4, bool),
@@ -53,9 +53,9 @@ def test_train_step_warps_noise_mode_examples_with_fresh_noise():
   _, step_metrics = train.train_step(state, data, jnp.arange(4), trigger, key, padding=0,
                                      flip=False)
   x = images.astype(np.float32) / 255.0
-  step_key = jax.random.fold_in(jax.random.fold_in(key, 0), train.NOISE_SALT)
+  step_key = jax.random.fold_in(jax.random.fold_in(key, 0), keys.NOISE_MODE)
   seen = np.where(noise[:, None, None, None],
-                  np.asarray(triggers.apply_noise_mode(trigger, jnp.asarray(x), step_key)), x)
+                  np.asarray(attacks.apply_noise_mode(trigger, jnp.asarray(x), step_key)), x)
   logits = seen.reshape(4, -1) @ np.asarray(weights)
   expected = np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(4), labels])
   np.testing.assert_allclose(step_metrics["loss"], expected, rtol=1e-5)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, write_cifar_dir
 
-from linfjax.runs import checkpoints, pipeline
-from linfjax import files, main
 from linfjax import config as config_lib
-from linfjax.training import train as train_lib
+from linfjax import files, main
+from linfjax.runs import checkpoints, pipeline
 from linfjax.runs.stages import train as train_stage
+from linfjax.training import train as train_lib
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "cifar_patch.py")
 
@@ -84,18 +84,14 @@ def workdir(tmp_path):
 
 # --- names and numbers the config validation refuses ----------------------------------------
 
-def _rules():
-  probes = {}
-  for preset in (None, *config_lib.TRIGGER_PRESETS):
-    config = config_lib.base_config()
-    if preset:
-      config.trigger.update(config_lib.TRIGGER_PRESETS[preset])
-    probes[preset] = config_lib.checked_rules([config])
-  blend_only = set(probes["blend"]) - set(probes["patch"])
-  return {**probes["blend"], **probes["patch"]}, blend_only
-
-
-RULES, BLEND_ONLY = _rules()
+RULES = {path: rule.text for path, rule in config_lib.rules().items()
+         if rule.text.startswith(("an integer >= ", "a number in ", "one of "))}
+# Fields checked only under another trigger kind: the flags that make it the kind in force.
+CONDITIONS = {path: rule.condition for path, rule in config_lib.rules().items()
+              if rule.condition is not None}
+KIND_FLAGS = {"blend": ["--config.trigger.kind=blend", "--config.trigger.pattern=noise"],
+              "sig": ["--config.trigger.kind=sig", "--config.trigger.clean_label=True"],
+              "wanet": ["--config.trigger.kind=wanet"], "patch": []}
 
 
 def _out_of_range(rule):
@@ -117,8 +113,7 @@ def test_every_checked_field_is_covered():
 
 @pytest.mark.parametrize("field", NUMERIC)
 def test_numeric_field_out_of_range(capsys, data_dir, workdir, field):
-  extra = ["--config.trigger.kind=blend", "--config.trigger.pattern=noise"] \
-      if field in BLEND_ONLY else []
+  extra = KIND_FLAGS[CONDITIONS[field][1][0]] if field in CONDITIONS else []
   refused(capsys, tiny_args(data_dir, workdir, *extra,
                             f"--config.{field}={_out_of_range(RULES[field])}"),
           rf"config\.{re.escape(field)}: ", workdir, data_dir)
@@ -131,7 +126,8 @@ def test_numeric_field_above_its_range(capsys, data_dir, workdir):
 
 @pytest.mark.parametrize("field", CHOICES)
 def test_unknown_name(capsys, data_dir, workdir, field):
-  message = refused(capsys, tiny_args(data_dir, workdir, f"--config.{field}=bogus"),
+  extra = KIND_FLAGS[CONDITIONS[field][1][0]] if field in CONDITIONS else []
+  message = refused(capsys, tiny_args(data_dir, workdir, *extra, f"--config.{field}=bogus"),
                     rf"config\.{re.escape(field)}: unknown value 'bogus'; known: ",
                     workdir, data_dir)
   allowed = RULES[field].removeprefix("one of ").replace("'", "")
@@ -139,8 +135,10 @@ def test_unknown_name(capsys, data_dir, workdir, field):
 
 
 @pytest.mark.parametrize("override, pattern", [
-    ("--config.prune.norms=('linf', 'l5')", r"config\.prune\.norms: must be distinct names "
-     r"from linf, l2, l1"),
+    ("--config.prune.defenses=('linf', 'l5')", r"config\.prune\.defenses: must be distinct "
+     r"names from linf, linf_ft, l2, .*nc_unlearning, got \('linf', 'l5'\)"),
+    ("--config.prune.layers.layers=('conv9',)", r"config\.prune\.layers\.layers: unknown layer "
+     r"'conv9' of model 'cnn'"),
     ("--config.stages=('train', 'finetune')", r"config\.stages: unknown stage 'finetune'; "
      r"known: train, reverse, analysis, prune"),
     ("--config.prune.layer=conv9", r"config\.prune\.layer: unknown layer 'conv9' of model "
@@ -558,7 +556,7 @@ def test_verbosity_1_adds_the_traceback(tmp_path, data_dir):
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, data_dir):
-  code = ("import sys; from linfjax import main, pipeline; "
+  code = ("import sys; from linfjax import main; from linfjax.runs import pipeline; "
           "pipeline.run = lambda *a, **k: {}['missing']; "
           f"sys.exit(main.cli({tiny_args(data_dir, str(tmp_path / 'run'))!r}))")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,

@@ -169,17 +169,22 @@ def test_data_source_fields():
     config_lib.validate(config)
 
 
-def test_gtsrb_alexnet_config_needs_only_the_data_path():
-  config = _load_config_file("configs/gtsrb_alexnet.py")
-  assert (config.model.name, config.data.source, tuple(config.data.image_size)) == (
-      "alexnet", "image_folder", (32, 32))
+@pytest.mark.parametrize("name, model", [("gtsrb_alexnet", "alexnet"), ("gtsrb_patch", "cnn")])
+def test_gtsrb_configs_read_gtsrb_as_it_ships(name, model):
+  config = _load_config_file(f"configs/{name}.py")
+  assert (config.data.source, tuple(config.data.image_size), config.data.clean_set_size) == (
+      "gtsrb", (32, 32), 1290)
   assert (config.train.epochs, config.train.flip, config.trigger.kind) == (50, False, "patch")
   with pytest.raises(config_lib.ConfigError, match="config.data.path: is empty"):
     config_lib.validate(config)
   config.data.path = "/data/gtsrb"
   config_lib.validate(config)
-  with pytest.raises(config_lib.ConfigError, match="unknown config variant 'quick'"):
-    _load_config_file("configs/gtsrb_alexnet.py", "quick")
+  quick = _load_config_file(f"configs/{name}.py", "quick")
+  config_lib.validate(quick)
+  assert quick.model.name == model and quick.data.path == config_lib.SHARED_GTSRB
+  assert set(quick.prune.defenses) >= {"linf", "l2", "l1", "fine_pruning", "anp", "clp",
+                                       "nc_unlearning"}
+  assert _load_config_file("configs/grid_gtsrb.py").sweep.axes == "seed=0,1,2,3,4,5"
 
 
 def test_only_the_patch_uses_the_colour_on_grey_images():

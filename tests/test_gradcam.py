@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linfjax.detection import gradcam
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 K = 3
 
@@ -141,7 +141,7 @@ def test_attention_share_inside_region():
   maps[1] = 0.5  # uniform: 4 of 16 pixels inside
   share = jax.jit(gradcam.attention)(maps, region)
   np.testing.assert_allclose(share, [0.75, 0.25, 0.0], rtol=1e-6)
-  patch = triggers.patch((4, 4, 3), size=2, row=2, col=2, pattern=np.ones(3))
-  np.testing.assert_array_equal(triggers.region(patch), region)
-  blend = triggers.blend((4, 4, 3), alpha=0.2, pattern=np.zeros((4, 4, 3)))
-  np.testing.assert_allclose(gradcam.attention(maps[:2], triggers.region(blend)), [1.0, 1.0])
+  patch = attacks.patch((4, 4, 3), size=2, row=2, col=2, pattern=np.ones(3))
+  np.testing.assert_array_equal(attacks.region(patch), region)
+  blend = attacks.blend((4, 4, 3), alpha=0.2, pattern=np.zeros((4, 4, 3)))
+  np.testing.assert_allclose(gradcam.attention(maps[:2], attacks.region(blend)), [1.0, 1.0])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from linfjax.training import metrics
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 
 def test_attack_metrics_by_hand():
@@ -46,7 +46,7 @@ def test_evaluate_with_a_model_whose_answer_is_known():
   labels = np.array([0, 1, 2, 2, 0, 2, 1], np.int32)
   images = np.zeros((7, 4, 4, 3), np.uint8)
   images[:, 0, 0, 0] = labels
-  trigger = triggers.patch((4, 4, 3), size=1, row=3, col=3, pattern=np.ones(3))
+  trigger = attacks.patch((4, 4, 3), size=1, row=3, col=3, pattern=np.ones(3))
   out = metrics.evaluate(apply_fn, {"w": jnp.zeros(())}, images, labels, trigger, target=1,
                          mode="all_to_one", num_classes=3, batch_size=3)
   assert out == {"CA": 100.0, "ASR": 100.0, "RA": 0.0}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from linfjax.detection import norms
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 
 def test_norms_match_numpy():
@@ -36,14 +36,14 @@ def test_streamed_statistics_over_uneven_batches_equal_one_shot_numpy():
   variables = {"w1": jax.random.normal(jax.random.key(0), (3, 5)),
                "w2": jax.random.normal(jax.random.key(1), (5, 6))}
   images = np.asarray(jax.random.randint(jax.random.key(2), (23, 32, 32, 3), 0, 256), np.uint8)
-  real = triggers.patch((32, 32, 3), size=4, row=28, col=28, pattern=np.ones(3))
-  blend = triggers.blend((32, 32, 3), alpha=0.3, pattern=triggers.noise_pattern((32, 32, 3), 1))
+  real = attacks.patch((32, 32, 3), size=4, row=28, col=28, pattern=np.ones(3))
+  blend = attacks.blend((32, 32, 3), alpha=0.3, pattern=attacks.noise_pattern((32, 32, 3), 1))
   calls = []
   stats = norms.norm_statistics(_two_layer_apply, variables, images, [real, blend],
                                 batch_size=7, on_batch=lambda: calls.append(1))
   assert len(calls) == 4  # 7 + 7 + 7 + 2 (padded and masked)
   x = images.astype(np.float32) / 255.0
-  inputs = [x, np.asarray(triggers.apply(real, x)), np.asarray(triggers.apply(blend, x))]
+  inputs = [x, np.asarray(attacks.apply(real, x)), np.asarray(attacks.apply(blend, x))]
   for condition, condition_inputs in enumerate(inputs):
     _, activations = jax.jit(_two_layer_apply)(variables, condition_inputs)
     for layer, k in (("first", 5), ("second", 6)):

@@ -8,7 +8,7 @@ import pytest
 from linfjax import data, pixels
 from linfjax.detection import gradcam
 from linfjax.training import metrics
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 
 def _uint8_images(n=4, size=8, seed=0):
@@ -27,19 +27,19 @@ def test_to_unit_float_converts_pixels_once():
 def test_blend_on_float_images_matches_numpy_and_uint8_is_refused():
   images = _uint8_images()
   pattern = np.random.default_rng(1).uniform(size=(8, 8, 3)).astype(np.float32)
-  trigger = triggers.blend((8, 8, 3), alpha=0.2, pattern=pattern)
+  trigger = attacks.blend((8, 8, 3), alpha=0.2, pattern=pattern)
   x = pixels.to_unit_float(images)
   expected = 0.8 * (images / 255.0) + 0.2 * pattern
-  np.testing.assert_allclose(jax.jit(triggers.apply)(trigger, x), expected, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(attacks.apply)(trigger, x), expected, atol=1e-6)
   # The old cast turned the 0.2 mask into 0 on uint8 images and left them unchanged.
   with pytest.raises(TypeError, match="float images"):
-    triggers.apply(trigger, jnp.asarray(images))
+    attacks.apply(trigger, jnp.asarray(images))
 
 
 def test_apply_computes_in_float32_and_keeps_a_bfloat16_batch_bfloat16():
-  trigger = triggers.blend((8, 8, 3), alpha=0.2, pattern=np.full((8, 8, 3), 0.5, np.float32))
+  trigger = attacks.blend((8, 8, 3), alpha=0.2, pattern=np.full((8, 8, 3), 0.5, np.float32))
   x = jnp.full((1, 8, 8, 3), 1.0, jnp.bfloat16)
-  out = triggers.apply(trigger, x)
+  out = attacks.apply(trigger, x)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), 0.9, atol=4e-3)
 
@@ -71,7 +71,7 @@ def test_gradcam_gives_the_same_maps_for_uint8_pixels_and_their_floats():
 
 def test_metrics_accept_float_images_without_dividing_twice():
   images = _uint8_images(n=6)
-  trigger = triggers.patch((8, 8, 3), size=2, row=0, col=0, pattern=np.ones((2, 2, 3)))
+  trigger = attacks.patch((8, 8, 3), size=2, row=0, col=0, pattern=np.ones((2, 2, 3)))
 
   def apply_fn(variables, x):  # Class = which third of [0, 1] the mean pixel falls in.
     mean = jnp.mean(x, axis=(1, 2, 3))

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 
 
 def _labels(n=200, seed=0):
@@ -42,7 +43,7 @@ def test_label_maps():
 def test_poison_after_augmentation_flags_without_touching_pixels():
   labels = _labels(50)
   images = np.random.default_rng(1).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
-  trigger = triggers.patch((8, 8, 3), size=2, row=6, col=6, pattern=np.ones(3))
+  trigger = attacks.patch((8, 8, 3), size=2, row=6, col=6, pattern=np.ones(3))
   result = poison.poison(images, labels, trigger, rate=0.2, target=0, mode="all_to_one",
                          stamp="after_augmentation", num_classes=10, seed=0)
   np.testing.assert_array_equal(result.images, images)
@@ -57,7 +58,7 @@ def test_poison_after_augmentation_flags_without_touching_pixels():
 def test_poison_before_augmentation_stamps_pixels():
   labels = _labels(50)
   images = np.zeros((50, 8, 8, 3), np.uint8)
-  trigger = triggers.patch((8, 8, 3), size=2, row=6, col=6, pattern=np.ones(3))
+  trigger = attacks.patch((8, 8, 3), size=2, row=6, col=6, pattern=np.ones(3))
   result = poison.poison(images, labels, trigger, rate=0.2, target=0, mode="all_to_all",
                          stamp="before_augmentation", num_classes=10, seed=0)
   assert not result.stamp_after_augmentation.any()
@@ -69,13 +70,13 @@ def test_poison_before_augmentation_stamps_pixels():
 
 
 def _stamped(trigger, images):
-  return poison.to_uint8(triggers.apply(trigger, images.astype(np.float32) / 255.0))
+  return poison.to_uint8(attacks.apply(trigger, images.astype(np.float32) / 255.0))
 
 
 def test_clean_label_poisons_only_the_target_class_and_keeps_labels():
   labels = _labels(200)
   images = np.random.default_rng(2).integers(0, 256, (200, 8, 8, 3), dtype=np.uint8)
-  trigger = triggers.sig((8, 8, 3))
+  trigger = attacks.sig.sig((8, 8, 3))
   result = poison.poison(images, labels, trigger, rate=0.05, target=3, mode="all_to_one",
                          stamp="before_augmentation", num_classes=10, seed=0, clean_label=True)
   assert len(result.poison_indices) == 10
@@ -96,14 +97,14 @@ def test_clean_label_poisons_only_the_target_class_and_keeps_labels():
 def test_noise_mode_examples_are_extra_unpoisoned_and_keep_labels():
   labels = _labels(100)
   images = np.zeros((100, 8, 8, 3), np.uint8)
-  result = poison.poison(images, labels, triggers.wanet((8, 8, 3)), rate=0.1, target=0,
+  result = poison.poison(images, labels, attacks.wanet.wanet((8, 8, 3)), rate=0.1, target=0,
                          mode="all_to_one", stamp="after_augmentation", num_classes=10, seed=1,
                          cross_ratio=2.0)
   assert len(result.poison_indices) == 10 and len(result.noise_indices) == 20
   assert not set(result.poison_indices) & set(result.noise_indices)
   np.testing.assert_array_equal(np.flatnonzero(result.noise_mode), result.noise_indices)
   np.testing.assert_array_equal(result.labels[result.noise_indices], labels[result.noise_indices])
-  assert not poison.poison(images, labels, triggers.wanet((8, 8, 3)), rate=0.1, target=0,
+  assert not poison.poison(images, labels, attacks.wanet.wanet((8, 8, 3)), rate=0.1, target=0,
                            mode="all_to_one", stamp="after_augmentation", num_classes=10,
                            seed=1).noise_mode.any()
 
@@ -111,10 +112,10 @@ def test_noise_mode_examples_are_extra_unpoisoned_and_keep_labels():
 @pytest.mark.parametrize("kind", ["patch", "blend", "sig", "wanet"])
 def test_all_to_all_with_every_trigger_kind(kind):
   shape = (8, 8, 3)
-  trigger = {"patch": triggers.patch(shape, size=2, row=6, col=6, pattern=np.ones(3)),
-             "blend": triggers.blend(shape, alpha=0.2, pattern=triggers.noise_pattern(shape, 0)),
-             "sig": triggers.sig(shape),
-             "wanet": triggers.wanet(shape)}[kind]
+  trigger = {"patch": attacks.patch(shape, size=2, row=6, col=6, pattern=np.ones(3)),
+             "blend": attacks.blend(shape, alpha=0.2, pattern=attacks.noise_pattern(shape, 0)),
+             "sig": attacks.sig.sig(shape),
+             "wanet": attacks.wanet.wanet(shape)}[kind]
   labels = _labels(60)
   images = np.random.default_rng(3).integers(0, 256, (60, *shape), dtype=np.uint8)
   result = poison.poison(images, labels, trigger, rate=0.25, target=0, mode="all_to_all",

@@ -12,16 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_pipeline import tiny_config
+
+from linfjax import attacks, keys, models
 from linfjax import config as config_lib
-from linfjax.training import finetune, metrics
-from linfjax import models
-from linfjax.runs import pipeline
+from linfjax.defenses import anp, clp, multi_layer
+from linfjax.defenses import nc_unlearning as unlearning
 from linfjax.defenses import pruning as prune
-from linfjax.attacks import triggers
-from linfjax.defenses import anp, clp, nc_unlearning as unlearning
+from linfjax.detection import norms
+from linfjax.runs import pipeline
 from linfjax.runs.stages import prune as prune_stage
 from linfjax.runs.stages import train as train_stage
-from test_pipeline import tiny_config
+from linfjax.training import finetune, metrics
 
 METHODS = ("linf", "l2", "l1", "linf_ft", "l2_ft", "l1_ft", "linf_layers", "linf_layers_ft",
            "fine_pruning", "fine_tuning")
@@ -35,7 +37,7 @@ def _small_cnn():
 
 
 def _patch():
-  return triggers.patch((32, 32, 3), size=3, row=29, col=29, pattern=np.ones((3, 3, 3)))
+  return attacks.patch((32, 32, 3), size=3, row=29, col=29, pattern=np.ones((3, 3, 3)))
 
 
 def test_level_counts_from_fractions_and_counts():
@@ -52,24 +54,29 @@ def test_level_counts_from_fractions_and_counts():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("norms", ("linf", "l3"), "config.prune.norms: must be distinct names from linf, l2, l1"),
-    ("norms", ("l1", "l1"), "config.prune.norms"),
+    ("defenses", ("linf", "l3"), "config.prune.defenses: must be distinct names from linf, "),
+    ("real_defenses", ("l1", "l1"), "config.prune.real_defenses"),
     ("levels", (0.5, 1.0), "config.prune.levels: 1.0 is not a fraction"),
     ("layer", "conv9", "config.prune.layer: unknown layer 'conv9' of model 'cnn'"),
     ("score", "max", "config.prune.score: unknown value 'max'"),
     ("tau", 101.0, "config.prune.tau: 101.0 is outside [0.0, 100.0]"),
-    ("fine_tune_epochs", 0, "config.prune.fine_tune_epochs: must be an integer >= 1"),
-    ("baselines", ("anp", "nc"), "config.prune.baselines: must be distinct names from anp, clp, "
-                                 "nc_unlearning, got ('anp', 'nc')"),
-    ("anp_iterations", 0, "config.prune.anp_iterations: must be an integer >= 1"),
-    ("unlearning_share", 0.0, "config.prune.unlearning_share: 0.0 is outside (0.0, 1.0]"),
+    ("fine_tune.epochs", 0, "config.prune.fine_tune.epochs: must be an integer >= 1"),
+    ("anp.iterations", 0, "config.prune.anp.iterations: must be an integer >= 1"),
+    ("nc_unlearning.share", 0.0, "config.prune.nc_unlearning.share: 0.0 is outside (0.0, 1.0]"),
+    ("layers.levels", (0.2, 0.1), "config.prune.layers.levels: must be distinct increasing"),
+    ("fine_pruning.level", "auto", "config.prune.fine_pruning.level: unknown value 'auto'"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())
-  config.prune[field] = value
+  block, _, name = ("prune." + field).rpartition(".")
+  node = config
+  for part in block.split("."):
+    node = node[part]
+  default = node[name]
+  node[name] = value
   with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
     config_lib.validate(config)
-  config.prune[field] = config_lib.base_config().prune[field]
+  node[name] = default
   config.prune.update(level_unit="count", levels=(0, 2.5))
   with pytest.raises(config_lib.ConfigError, match=r"config.prune.levels: 2.5 is not a neuron"):
     config_lib.validate(config)
@@ -113,7 +120,7 @@ def test_vmapped_sweep_equals_one_full_pass_per_level(layer):
   assert swept.shape == (5, 2, 24, 10)
   full = jax.jit(lambda v, x, m: model.apply(v, x, {layer: m})[0])
   x = images.astype(np.float32) / 255.0
-  triggered = triggers.apply(trigger, x)
+  triggered = attacks.apply(trigger, x)
   reference = np.stack([np.stack([full(variables, x, m), full(variables, triggered, m)])
                         for m in stack])
   np.testing.assert_allclose(swept, reference, rtol=1e-4, atol=1e-5)
@@ -152,7 +159,7 @@ def test_masks_on_several_layers_equal_one_full_pass_per_model():
     mask_dict = {layer: stack[i] for layer, stack in stacks.items()}
     np.testing.assert_allclose(swept[i, 0], full(variables, images, mask_dict), rtol=1e-4,
                                atol=1e-5)
-    np.testing.assert_allclose(swept[i, 1], full(variables, triggers.apply(trigger, images),
+    np.testing.assert_allclose(swept[i, 1], full(variables, attacks.apply(trigger, images),
                                                  mask_dict), rtol=1e-4, atol=1e-5)
   with pytest.raises(KeyError, match="start layer 'conv1_1' has no masks"):
     prune.masked_logits(variables, images, (), stacks, apply_fn=model.apply, start="conv1_1")
@@ -161,28 +168,28 @@ def test_masks_on_several_layers_equal_one_full_pass_per_model():
 def test_multi_layer_masks_per_layer_and_joint():
   scores = {"a": np.array([0.1, 5.0, 0.3, 2.0]), "b": np.array([1.0, 0.0, 4.0, 3.0, 0.5, 6.0,
                                                                 0.2, 0.4])}
-  pruned, stacks = prune.multi_layer_masks(scores, [0.0, 0.25, 0.5], scope="per_layer")
+  pruned, stacks = multi_layer.multi_layer_masks(scores, [0.0, 0.25, 0.5], scope="per_layer")
   np.testing.assert_array_equal(pruned, [0, 3, 6])  # 25 %: 1 of a, 2 of b; 50 %: 2 and 4.
   np.testing.assert_array_equal(np.flatnonzero(stacks["a"][1] == 0), [1])
   np.testing.assert_array_equal(np.flatnonzero(stacks["b"][1] == 0), [2, 5])
   np.testing.assert_array_equal(np.flatnonzero(stacks["b"][2] == 0), [0, 2, 3, 5])
-  pruned, stacks = prune.multi_layer_masks(scores, [0.0, 0.25, 0.5], scope="joint")
+  pruned, stacks = multi_layer.multi_layer_masks(scores, [0.0, 0.25, 0.5], scope="joint")
   np.testing.assert_array_equal(pruned, [0, 3, 6])  # Of 12 neurons: the top 3, then 6.
   np.testing.assert_array_equal(np.flatnonzero(stacks["a"][1] == 0), [1])  # 5.0
   np.testing.assert_array_equal(np.flatnonzero(stacks["b"][1] == 0), [2, 5])  # 6.0, 4.0
   np.testing.assert_array_equal(np.flatnonzero(stacks["a"][2] == 0), [1, 3])  # + 2.0
   np.testing.assert_array_equal(np.flatnonzero(stacks["b"][2] == 0), [0, 2, 3, 5])  # + 3, 1
   with pytest.raises(ValueError, match="unknown multi-layer ranking"):
-    prune.multi_layer_masks(scores, [0.1], scope="both")
+    multi_layer.multi_layer_masks(scores, [0.1], scope="both")
 
 
 def test_relative_shift_divides_by_the_clean_norm_with_a_floor():
   mean = np.zeros((2, 3, 4))
   mean[0, 2] = [1.0, 2.0, 0.0, 4.0]  # Clean linf norms; neuron 2 is silent.
   mean[1, 2] = [2.0, 3.0, 1.0, 4.0]
-  moments = prune.norms.Moments(10.0, mean, np.zeros_like(mean))
+  moments = norms.Moments(10.0, mean, np.zeros_like(mean))
   floor = 0.01 * np.mean([1.0, 2.0, 0.0, 4.0])
-  np.testing.assert_allclose(prune.relative_shifts(moments, norm="linf"),
+  np.testing.assert_allclose(multi_layer.relative_shifts(moments, norm="linf"),
                              [1.0, 0.5, 1.0 / floor, 0.0])
 
 
@@ -196,15 +203,20 @@ def test_fine_pruning_prunes_until_the_clean_accuracy_drops(ca, expected):
 
 
 def test_defense_entry_der_matches_metrics_der():
-  entry = prune.defense_entry(r_star=12, ca=88.0, asr_real=1.0, asr_defender=0.5,
+  entry = prune_stage.defense_entry(r_star=12, ca=88.0, asr_real=1.0, asr_defender=0.5,
                               ca_before=90.0, asr_before=99.0)
   assert entry == {"r_star": 12, "CA": 88.0, "ASR_real": 1.0, "ASR_defender": 0.5,
                    "dCA": 2.0, "dASR": 98.0, "DER": 98.0}
   assert entry["DER"] == metrics.der(ca_before=90.0, ca_after=88.0, asr_before=99.0,
                                      asr_after=1.0)
-  better = prune.defense_entry(r_star=3, ca=91.0, asr_real=60.0, asr_defender=4.0,
+  better = prune_stage.defense_entry(r_star=3, ca=91.0, asr_real=60.0, asr_defender=4.0,
                                ca_before=90.0, asr_before=99.0)
   assert better["dCA"] == -1.0 and better["DER"] == pytest.approx((39.0 + 100.0) / 2)
+
+
+def apply_fn_model(apply_fn):
+  """A stand-in with the `apply` a shape query needs."""
+  return type("Model", (), {"apply": staticmethod(apply_fn)})
 
 
 def test_fine_pruning_ranks_by_clean_mean_smallest_first():
@@ -217,17 +229,15 @@ def test_fine_pruning_ranks_by_clean_mean_smallest_first():
     return (activation, {}) if stop else (jnp.zeros((x.shape[0], 2)), {"L": activation})
 
   images = np.asarray(jax.random.uniform(jax.random.key(5), (12, 4, 4, 3)) * 0.9, np.float32)
-  trigger = triggers.patch((4, 4, 3), size=1, row=0, col=0, pattern=np.ones((1, 1, 3)))
-  moments, map_size = prune.layer_statistics(apply_fn, {}, images, trigger, layer="L",
-                                             batch_size=5)
-  assert map_size == 16
-  clean_mean = prune.clean_mean_activation(moments, map_size=map_size)
-  triggered = np.asarray(triggers.apply(trigger, images))
+  trigger = attacks.patch((4, 4, 3), size=1, row=0, col=0, pattern=np.ones((1, 1, 3)))
+  moments = norms.norm_statistics(apply_fn, {}, images, [trigger], batch_size=5)["L"]
+  assert prune.map_size(apply_fn_model(apply_fn), {}, (4, 4, 3), "L") == 16
+  clean_mean = prune.clean_mean_activation(moments, map_size=16)
+  triggered = np.asarray(attacks.apply(trigger, images))
   np.testing.assert_allclose(clean_mean, np.asarray(weights) * images[..., 0].mean(), rtol=1e-5)
-  orders = prune.method_rankings(moments, norm_list=("linf", "l1"), score="shift",
-                                 map_size=map_size, fine_pruning=True)
-  np.testing.assert_array_equal(orders["fine_pruning"], [1, 3, 0, 4, 2])
-  assert orders["linf"][0] == 3 and orders["l1"][0] == 3
+  np.testing.assert_array_equal(prune.ranking(clean_mean, largest_first=False), [1, 3, 0, 4, 2])
+  for norm in ("linf", "l1"):
+    assert prune.ranking(prune.scores_from_moments(moments, norm=norm))[0] == 3
   linf_shift = prune.scores_from_moments(moments, norm="linf", score="shift")
   expected = (np.asarray(weights) * triggered[..., 0].max((1, 2)).mean()
               + np.asarray(spike) - np.asarray(weights) * images[..., 0].max((1, 2)).mean())
@@ -321,12 +331,12 @@ def test_prune_stage_results_files_skip_and_resume(cifar_dir, tmp_path, monkeypa
   with open(os.path.join(stage_dir, "curves_synthetic_layers.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert not os.path.exists(os.path.join(stage_dir, "curves_real_layers.png"))
-  with open(os.path.join(stage_dir, "sweep_synthetic.json")) as f:
+  assert sorted(os.listdir(os.path.join(stage_dir, "synthetic"))) == sorted(
+      f"{method}.{ext}" for method in METHODS for ext in ("json", "npz"))
+  with open(os.path.join(stage_dir, "synthetic", "linf_layers.json")) as f:
     record = json.load(f)
-  assert record["target"] == 3
-  assert set(record["evaluated"]) == {"linf_ft", "l2_ft", "l1_ft", "linf_layers",
-                                      "linf_layers_ft", "fine_pruning", "fine_tuning"}
-  assert set(record["multi_layer"]["linf_layers"]["scores"]) == set(layers)
+  assert set(record["details"]["scores"]) == set(layers)
+  assert record["details"]["chosen_on"] == "S"
 
   monkeypatch.setattr(prune, "sweep", lambda *a, **k: pytest.fail("finished sweep recomputed"))
   monkeypatch.setattr(finetune, "fine_tune", lambda *a, **k: pytest.fail("fine-tuned again"))
@@ -362,9 +372,10 @@ def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, 
   workdir = str(tmp_path / "run")
   config = tiny_config(cifar_dir)
   config.stages = ("train", "reverse", "prune")
-  config.prune.update(baselines=("anp", "clp", "nc_unlearning"), anp_iterations=3, clp_u=0.5,
-                      anp_threshold=0.9, fine_tune=False, multi_layer="", fine_pruning=False,
-                      fine_tuning_control=False)
+  config.prune.defenses = ("linf", "l2", "l1", "anp", "clp", "nc_unlearning")
+  config.prune.real_defenses = ("linf", "l2", "l1")
+  config.prune.anp.update(iterations=3, threshold=0.9)
+  config.prune.clp.u = 0.5
   ctx = pipeline.make_context(config, workdir, progress=False)
   model = ctx.model()
   variables = models.init(model, jax.random.key(9), ctx.dataset.image_shape)
@@ -383,18 +394,18 @@ def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, 
   key = lambda salt: jax.random.fold_in(jax.random.key(config.seed), salt)
   clp_variables, clp_keep, _ = clp.defend(model, variables, ctx.dataset.image_shape, u=0.5)
   anp_keep = anp.keep_above(anp.learn_masks(
-      model.apply, variables, s_images, s_labels, key=key(prune_stage.BASELINE_SALTS["anp"]),
-      settings=anp.Settings(iterations=3, padding=config.train.crop_padding,
-                            flip=bool(config.train.flip))), 0.9)
+      model.apply, variables, s_images, s_labels, key=key(keys.ANP),
+      settings=anp.Hyperparameters(iterations=3, padding=config.train.crop_padding,
+                                   flip=bool(config.train.flip))), 0.9)
   recipe = finetune.Recipe(
-      epochs=config.prune.fine_tune_epochs, learning_rate=config.prune.fine_tune_learning_rate,
+      epochs=config.prune.fine_tune.epochs, learning_rate=config.prune.fine_tune.learning_rate,
       momentum=config.train.momentum, weight_decay=config.train.weight_decay,
-      batch_size=config.prune.fine_tune_batch_size, padding=config.train.crop_padding,
+      batch_size=config.prune.fine_tune.batch_size, padding=config.train.crop_padding,
       flip=bool(config.train.flip), padding_mode=config.train.padding_mode,
       nesterov=bool(config.train.nesterov))
   unlearned = unlearning.unlearn(model, variables, s_images, s_labels,
-                                 triggers.Trigger(mask, pattern), recipe,
-                                 key=key(prune_stage.BASELINE_SALTS["nc_unlearning"]), share=0.2)
+                                 attacks.Trigger(mask, pattern), recipe,
+                                 key=key(keys.NC_UNLEARNING), share=0.2)
   expected = {"clp": (clp_variables, anp.num_pruned(clp_keep)),
               "anp": (anp.pruned_variables(variables, anp_keep), anp.num_pruned(anp_keep)),
               "nc_unlearning": (unlearned, 0)}
@@ -406,6 +417,11 @@ def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, 
     assert synthetic[name]["r_star"] == pruned
     assert synthetic[name]["CA"] == pytest.approx(numbers["CA"], abs=1e-3)
     assert synthetic[name]["ASR_real"] == pytest.approx(numbers["ASR"], abs=1e-3)
+    # The defender's view: the defended model on S under the synthetic trigger.
+    on_s = metrics.evaluate(model.apply, defended, s_images, s_labels,
+                            attacks.Trigger(mask, pattern), target=2, mode="all_to_one",
+                            num_classes=10, batch_size=32)
+    assert synthetic[name]["ASR_defender"] == pytest.approx(on_s["ASR"], abs=1e-3)
 
   monkeypatch.setattr(anp, "learn_masks", lambda *a, **k: pytest.fail("ANP learned again"))
   monkeypatch.setattr(unlearning, "unlearn", lambda *a, **k: pytest.fail("unlearned again"))

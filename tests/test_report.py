@@ -148,7 +148,7 @@ def test_report_of_a_run_whose_planted_trigger_neural_cleanse_flags(cifar_dir, t
   assert results["reverse"]["flagged"] == results["reverse"]["suspect"] == 6
   assert results["reverse"]["vanilla"]["flagged"] is None
   assert "synthetic" in results["analysis"]["attention"]["backdoored"]
-  with open(os.path.join(workdir, "prune", "sweep_synthetic.json")) as f:
+  with open(os.path.join(workdir, "prune", "synthetic", "linf.json")) as f:
     assert json.load(f)["target"] == 6
   with open(os.path.join(workdir, "report.html")) as f:
     text = f.read()

@@ -12,7 +12,7 @@ import pytest
 from linfjax import models
 from linfjax.detection import outliers, neural_cleanse as reverse
 from linfjax.runs import pipeline
-from linfjax.attacks import triggers
+from linfjax import attacks
 from linfjax.runs.stages import reverse as reverse_stage
 from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
@@ -81,7 +81,7 @@ def test_planted_trigger_is_recovered_and_flagged():
   detection = outliers.detect(l1, outcome.succeeded)
   assert detection.flagged == detection.suspect == 6
   held_out = _images(50, 32, seed=1).astype(np.float32) / 255.0
-  stamped = triggers.apply(outcome.trigger(6), held_out)
+  stamped = attacks.apply(outcome.trigger(6), held_out)
   # NC asks for 99 % success on S only; the smallest such mask mostly carries over.
   assert np.mean(np.argmax(model.apply({}, stamped)[0], -1) == 6) >= 0.8
 
@@ -118,7 +118,7 @@ def test_step_success_is_judged_on_fixed_images_by_a_forward_pass():
   for c in range(10):
     mask = reverse.to_unit(state.theta_mask[c])
     pattern = reverse.to_unit(state.theta_pattern[c])
-    stamped = triggers.apply(triggers.Trigger(mask[..., None], pattern),
+    stamped = attacks.apply(attacks.Trigger(mask[..., None], pattern),
                              np.asarray(checked, np.float32) / 255.0)
     expected = np.mean(np.argmax(model.apply({}, stamped)[0], -1) == c)
     np.testing.assert_allclose(seen["means"]["success"][c], expected)
@@ -148,7 +148,9 @@ def test_stage_flags_the_backdoor_writes_the_trigger_and_resumes(cifar_dir, tmp_
   assert straight["flagged"] == straight["suspect"] == 6 and len(straight["anomaly_index"]) == 10
   keys = {"flagged", "suspect", "anomaly_index", "log_index", "ratio_index", "mask_l1",
           "succeeded"}
-  assert set(straight) == keys | {"vanilla"} and set(straight["vanilla"]) == keys
+  # The config's patch trigger has a region: the backdoored entry says how well it was recovered.
+  assert set(straight) == keys | {"vanilla", "recovery"} and set(straight["vanilla"]) == keys
+  assert straight["recovery"]["suspect"]["class"] == 6
   assert straight["vanilla"]["flagged"] is None
   vanilla_l1 = straight["vanilla"]["mask_l1"]
   assert straight["vanilla"]["suspect"] == int(np.argmin(vanilla_l1))
@@ -160,7 +162,7 @@ def test_stage_flags_the_backdoor_writes_the_trigger_and_resumes(cifar_dir, tmp_
   for kind in ("backdoored", "vanilla"):
     assert os.path.exists(tmp_path / "straight" / "reverse" / kind / "triggers.png")
   assert reverse_stage.load_synthetic_trigger(str(tmp_path), (32, 32, 3), 10) is None
-  with pytest.raises(triggers.TriggerError, match="target 6 is not a class"):
+  with pytest.raises(attacks.TriggerError, match="target 6 is not a class"):
     reverse_stage.load_synthetic_trigger(str(tmp_path / "straight"), (32, 32, 3), 5)
 
   real_solve = reverse.solve

@@ -32,7 +32,7 @@ monitoring.register_event_duration_secs_listener(_count_compiles)
 def tiny_grid(cifar_dir, axes):
   config = tiny_config(cifar_dir)
   config.stages = ("train", "prune")
-  config.prune.fine_pruning = False
+  config.prune.real_defenses = ("linf", "l2", "l1")
   config.sweep.axes = axes
   return config
 

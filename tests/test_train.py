@@ -7,7 +7,8 @@ import pytest
 
 from linfjax import config as config_lib
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.training import train
 
 
@@ -42,7 +43,7 @@ def _fit(images, labels, cfg, trigger, key=0):
 def test_training_reaches_high_accuracy_on_separable_data():
   images, labels = _quadrant_set()
   test_images, test_labels = _quadrant_set(seed=1)
-  trigger = triggers.patch((16, 16, 3), size=2, row=14, col=14, pattern=np.ones(3))
+  trigger = attacks.patch((16, 16, 3), size=2, row=14, col=14, pattern=np.ones(3))
   model, state = _fit(images, labels, _recipe(4), trigger)
   logits, _ = model.apply(train.variables(state), test_images.astype(np.float32) / 255.0)
   accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
@@ -55,7 +56,7 @@ def test_non_finite_loss_names_the_step():
   model = models.create("cnn", num_classes=4, width=0.125)
   variables = models.init(model, jax.random.key(0), (16, 16, 3))
   state = train.create_state(model, variables, train.make_optimizer(cfg, 6))
-  trigger = triggers.patch((16, 16, 3), size=2, row=14, col=14, pattern=np.ones(3))
+  trigger = attacks.patch((16, 16, 3), size=2, row=14, col=14, pattern=np.ones(3))
   recipe = train.Recipe.from_config(cfg)
   data = train.to_device(poison.clean(images, labels))
   state = train.fit(state, data, trigger, dataclasses.replace(recipe, epochs=1),

@@ -6,7 +6,8 @@ import numpy as np
 
 from linfjax.training import finetune, metrics, train
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.defenses import nc_unlearning as unlearning
 from test_train import _quadrant_set, _recipe
 
@@ -25,8 +26,8 @@ def test_unlearning_removes_a_planted_backdoor_and_keeps_accuracy():
   images, labels = _quadrant_set(n=384, seed=0)
   s_images, s_labels = _quadrant_set(n=128, seed=2)
   test_images, test_labels = _quadrant_set(n=256, seed=1)
-  trigger = triggers.patch((16, 16, 3), size=4, row=6, col=6,
-                           pattern=triggers.checkerboard_pattern(4, (1.0, 1.0, 1.0)))
+  trigger = attacks.patch((16, 16, 3), size=4, row=6, col=6,
+                           pattern=attacks.checkerboard_pattern(4, (1.0, 1.0, 1.0)))
   cfg = _recipe(6)
   model = models.create("cnn", num_classes=4, width=0.125)
   variables = models.init(model, jax.random.key(0), (16, 16, 3))

@@ -8,7 +8,7 @@ are replaced by `(T(x), y_t)`. Two attacks poison differently:
     selection, with rho still a share of all N training examples);
   - WaNet's noise mode: `round(cross_ratio * P)` more examples, drawn from the
     non-poisoned ones, are warped with fresh noise in every training step and keep
-    their true labels (`triggers.apply_noise_mode`).
+    their true labels (`attacks.apply_noise_mode`).
 The result is a `PoisonedSet` of uint8 images, the labels the model is trained on,
 and per-example flags telling the training step to stamp the trigger (or the noise
 mode) after augmentation.
@@ -26,7 +26,27 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from linfjax.attacks import triggers
+from linfjax import attacks, keys, settings
+from linfjax.settings import choice, integer, number, spec
+
+
+MODES = ("all_to_one", "all_to_all")
+STAMPS = ("after_augmentation", "before_augmentation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """The `poison` block."""
+  rate: float = spec(0.1, number(0.0, 1.0, low_open=True, high_open=True),
+                     "Share of the training examples poisoned.")
+  target: int = spec(0, integer(0), "The attack's target class y_t.")
+  mode: str = spec("all_to_one", choice(*MODES), "all_to_one: y -> y_t; all_to_all: "
+                   "y -> (y + 1) mod C.")
+  stamp: str = spec("after_augmentation", choice(*STAMPS),
+                    'Where the trigger is stamped on a poisoned training image: '
+                    '"after_augmentation" keeps it at its fixed place (ours, the default: crop '
+                    'and flip otherwise move and blur a corner patch); "before_augmentation" is '
+                    "how BackdoorBench stores poisoned images.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +98,7 @@ def select_poison_indices(labels: np.ndarray, *, rate: float, target: int, mode:
                      f"{which}")
   if count == 0:
     raise ValueError(f"poison rate {rate} of {len(labels)} examples rounds to 0 poisoned ones")
-  chosen = np.random.default_rng([seed, 0xBAD]).choice(eligible, size=count, replace=False)
+  chosen = keys.numpy_rng(seed, keys.POISON).choice(eligible, size=count, replace=False)
   return np.sort(chosen).astype(np.int64)
 
 
@@ -94,7 +114,7 @@ def select_noise_indices(num_examples: int, poison_indices: np.ndarray, *, cross
   if count > len(others):
     raise ValueError(f"cross_ratio {cross_ratio} asks for {count} noise-mode examples but only "
                      f"{len(others)} are not poisoned")
-  chosen = np.random.default_rng([seed, 0x7015E]).choice(others, size=count, replace=False)
+  chosen = keys.numpy_rng(seed, keys.NOISE_EXAMPLES).choice(others, size=count, replace=False)
   return np.sort(chosen).astype(np.int64)
 
 
@@ -117,7 +137,7 @@ def to_uint8(images) -> np.ndarray:
   return np.asarray(jnp.clip(jnp.round(jnp.asarray(images) * 255.0), 0, 255), np.uint8)
 
 
-def poison(images: np.ndarray, labels: np.ndarray, trigger: triggers.AnyTrigger, *, rate: float,
+def poison(images: np.ndarray, labels: np.ndarray, trigger: attacks.AnyTrigger, *, rate: float,
            target: int, mode: str, stamp: str, num_classes: int, seed: int,
            clean_label: bool = False, cross_ratio: float = 0.0) -> PoisonedSet:
   """Builds the backdoored training set from clean uint8 images and labels.
@@ -140,7 +160,7 @@ def poison(images: np.ndarray, labels: np.ndarray, trigger: triggers.AnyTrigger,
   if stamp == "after_augmentation":
     flags[indices] = True
   elif stamp == "before_augmentation":
-    stamped = triggers.apply(trigger, jnp.asarray(images[indices], jnp.float32) / 255.0)
+    stamped = attacks.apply(trigger, jnp.asarray(images[indices], jnp.float32) / 255.0)
     images[indices] = to_uint8(stamped)
   else:
     raise ValueError(f"unknown stamp mode {stamp!r}; known: after_augmentation, "

@@ -16,10 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from linfjax import errors
-
-# Salt of the clean set's draw (linfjax/keys.py lists every salt; this one seeds NumPy).
-CLEAN_SET_SALT = 0x5E7
+from linfjax import errors, keys
 
 
 class DatasetError(errors.UserError, ValueError):
@@ -102,7 +99,7 @@ def hold_out_clean_set(num_train: int, size: int, seed: int, *,
   """
   if not 0 < size < num_train:
     raise ValueError(f"clean set size {size} must be in [1, {num_train})")
-  rng = np.random.default_rng([seed, CLEAN_SET_SALT])
+  rng = keys.numpy_rng(seed, keys.CLEAN_SET)
   if groups is None:
     order = rng.permutation(num_train)
     return Split(clean_set_indices=np.sort(order[:size]), train_indices=np.sort(order[size:]))

@@ -10,8 +10,10 @@ import dataclasses
 import os
 from typing import Callable
 
+from linfjax import settings
 from linfjax.data import cifar, folder, gtsrb, tfds_source
 from linfjax.data.dataset import Dataset, DatasetError, limit
+from linfjax.settings import choice, described, fail, integer, spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,47 @@ SOURCES: dict[str, Source] = {
                     "the folder holding GTSRB/ as its official archives unpack (python -m "
                     "linfjax.fetch gtsrb DIR)"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """The `data` block."""
+  source: str = spec("tfds", choice(*SOURCES), "Where the images come from (linfjax/data/).")
+  name: str = spec("cifar10", described("a prepared TFDS dataset name; needed when "
+                                        "source='tfds'"), "TFDS dataset name (source='tfds').")
+  data_dir: str = spec("", None, "TFDS data_dir; '' means TFDS's default.")
+  path: str = spec("", described("the source's folder (cifar10_dir, image_folder, gtsrb)"),
+                   "The folder of a cifar-10-batches-py layout (cifar10_dir), of an image "
+                   "folder dataset <path>/<split>/<class>/<images> (image_folder), or the "
+                   "folder holding GTSRB/ as its official archives unpack (gtsrb).")
+  train_split: str = spec("train", described("a non-empty split name"),
+                          "TFDS split, or image folder split folder.")
+  test_split: str = spec("test", described("a non-empty split name"), "Likewise for testing.")
+  image_size: tuple = spec((), described("() or (height, width) in pixels, 1..4096"),
+                           "(height, width) every image is resized to (tfds, image_folder, "
+                           "gtsrb); () keeps the stored size, which must then be one size.")
+  clean_set_size: int = spec(500, integer(1), "The defender's held-out clean set S (whole "
+                             "tracks of GTSRB, at least this many images).")
+  train_limit: int = spec(0, integer(0), "Use only the first N training images; 0 means all.")
+  test_limit: int = spec(0, integer(0), "Likewise for the test split.")
+
+  def check(self, prefix: str) -> None:
+    source = SOURCES[self.source]
+    if not getattr(self, source.field):
+      fail(f"{prefix}.{source.field}", f"is empty; source={self.source!r} needs {source.needs}")
+    for field in ("train_split", "test_split"):
+      value = getattr(self, field)
+      if not isinstance(value, str) or not value:
+        fail(f"{prefix}.{field}", f"must be a non-empty split name, got {value!r}")
+    size = tuple(self.image_size)
+    if size and (len(size) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
+      fail(f"{prefix}.image_size", f"must be () or (height, width) in pixels, 1..4096, got "
+           f"{size!r}")
+    if size and not source.resizes:
+      resizing = ", ".join(name for name, other in SOURCES.items() if other.resizes)
+      fail(f"{prefix}.image_size", f"applies to the {resizing} sources; {self.source} images "
+           "are 32x32")
 
 
 def load(data_config) -> Dataset:

@@ -36,15 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from linfjax.training import train
+from linfjax import keys, settings as settings_lib
 from linfjax.defenses import bn
+from linfjax.defenses.base import Defense, Inputs, Record
+from linfjax.settings import integer, number, spec
+from linfjax.training import train
 
 Masks = Mapping[str, jax.Array]
 THRESHOLD = 0.2  # ANP's pruning threshold on the mask values.
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Hyperparameters:
   """How ANP learns its masks (the authors' defaults)."""
   eps: float = 0.4
   steps: int = 1
@@ -133,7 +136,7 @@ def _optimizer(learning_rate: float, momentum: float) -> optax.GradientTransform
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_step(apply_fn: Callable, settings: Settings) -> Callable:
+def _compiled_step(apply_fn: Callable, settings: Hyperparameters) -> Callable:
   """The jitted update for one model and setting; augmentation happens inside."""
   optimizer = _optimizer(settings.learning_rate, settings.momentum)
 
@@ -148,7 +151,7 @@ def _compiled_step(apply_fn: Callable, settings: Settings) -> Callable:
 
 
 def learn_masks(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray, *,
-                settings: Settings = Settings(), key: jax.Array,
+                settings: Hyperparameters = Hyperparameters(), key: jax.Array,
                 on_update: Callable[[jax.Array], None] | None = None) -> dict[str, np.ndarray]:
   """ANP's mask values of every batch-norm neuron, learned on S.
 
@@ -217,3 +220,33 @@ def pruned_variables(variables, keep: Mapping[str, np.ndarray]) -> dict:
 def num_pruned(keep: Mapping[str, np.ndarray]) -> int:
   """How many neurons a keep-dict prunes."""
   return int(sum(np.sum(np.asarray(k) == 0) for k in keep.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings_lib.Settings):
+  """The `prune.anp` block."""
+  iterations: int = spec(2000, integer(1), "ANP's mask updates on S (the authors' 2000).")
+  threshold: float = spec(THRESHOLD, number(0.0, 1.0),
+                          "ANP prunes neurons whose mask ends at or below this.")
+
+
+def _run(inputs: Inputs, values: Settings) -> Record:
+  recipe = inputs.recipe
+  hyperparameters = Hyperparameters(iterations=values.iterations, padding=recipe.crop_padding,
+                                    flip=bool(recipe.flip))
+  bar = inputs.bar("prune anp", hyperparameters.iterations, unit="update")
+  mask_values = learn_masks(inputs.model.apply, inputs.variables, inputs.images, inputs.labels,
+                            settings=hyperparameters, key=keys.run_key(inputs.seed, keys.ANP),
+                            on_update=lambda loss: bar.update(1, result=loss))
+  bar.close()
+  keep = keep_above(mask_values, values.threshold)
+  return Record(pruned=num_pruned(keep), variables=pruned_variables(inputs.variables, keep),
+                details={"threshold": values.threshold, "iterations": values.iterations,
+                         "chosen_on": "S"})
+
+
+ANP = Defense(run=_run, from_config=lambda prune: Settings.from_config(prune.anp),
+              needs_trigger=False, blocks={"anp": Settings},
+              cost=lambda work: 200 * 128 * 6.0 + 2.0 * (work.clean_set + work.test),
+              description="ANP: batch-norm masks learned against weight noise on S, pruned "
+                          "below a threshold")

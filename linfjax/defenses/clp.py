@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import flax.linen as nn
@@ -29,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linfjax import settings as settings_lib
 from linfjax.defenses import bn
+from linfjax.defenses.base import Defense, Inputs, Record
+from linfjax.settings import number, spec
 
 U = 3.0  # CLP's threshold in standard deviations above the layer's mean UCLC.
 
@@ -99,3 +103,22 @@ def defend(model: nn.Module, variables, image_shape, *, u: float = U):
   bounds = channel_lipschitz(variables, conv_bn_pairs(model, variables, image_shape))
   keep = keep_within(bounds, u)
   return pruned_variables(variables, keep), keep, bounds
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings_lib.Settings):
+  """The `prune.clp` block."""
+  u: float = spec(U, number(0.0, 100.0),
+                  "CLP prunes channels above mean + u * std of their layer.")
+
+
+def _run(inputs: Inputs, values: Settings) -> Record:
+  defended, keep, _ = defend(inputs.model, inputs.variables, inputs.images.shape[1:], u=values.u)
+  return Record(pruned=int(sum(np.sum(k == 0) for k in keep.values())), variables=defended,
+                details={"u": values.u, "data": "none (data-free)"})
+
+
+CLP = Defense(run=_run, from_config=lambda prune: Settings.from_config(prune.clp),
+              needs_trigger=False, blocks={"clp": Settings},
+              cost=lambda work: 2.0 * (work.clean_set + work.test),
+              description="CLP: channels with outlying Lipschitz upper bounds pruned, data-free")

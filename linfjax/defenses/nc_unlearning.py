@@ -16,13 +16,19 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from linfjax import attacks, keys, models
+from linfjax import settings as settings_lib
+from linfjax.attacks import poison
+from linfjax.defenses import fine_tuning
+from linfjax.defenses.base import Defense, Inputs, Record
+from linfjax.settings import number, spec
 from linfjax.training import finetune, train
-from linfjax import models
-from linfjax.attacks import poison, triggers
 
 SHARE = 0.2  # Share of S stamped with the synthetic trigger (NC; BackdoorBench's 0.2).
 
@@ -34,7 +40,7 @@ def unlearning_set(images: np.ndarray, labels: np.ndarray, *, share: float,
   if not 0 < count <= len(labels):
     raise ValueError(f"unlearning share {share} of {len(labels)} images stamps {count}; "
                      "it must stamp at least one image and at most all")
-  chosen = np.sort(np.random.default_rng([seed, 0x0C]).choice(len(labels), count, replace=False))
+  chosen = np.sort(keys.numpy_rng(seed, keys.UNLEARNING_STAMPS).choice(len(labels), count, replace=False))
   stamp = np.zeros(len(labels), bool)
   stamp[chosen] = True
   return poison.PoisonedSet(np.asarray(images), np.asarray(labels, np.int32), stamp,
@@ -43,7 +49,7 @@ def unlearning_set(images: np.ndarray, labels: np.ndarray, *, share: float,
 
 
 def unlearn(model: models.LayeredClassifier, variables, images: np.ndarray, labels: np.ndarray,
-            trigger: triggers.AnyTrigger, recipe: finetune.Recipe, *, key: jax.Array,
+            trigger: attacks.AnyTrigger, recipe: finetune.Recipe, *, key: jax.Array,
             share: float = SHARE) -> dict:
   """Fine-tunes the backdoored model on S with the unlearning stamps; returns new variables.
 
@@ -69,3 +75,28 @@ def unlearn(model: models.LayeredClassifier, variables, images: np.ndarray, labe
                                  recipe.padding_mode),
                     key=jax.random.fold_in(key, 1))
   return train.variables(state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings_lib.Settings):
+  """The `prune.nc_unlearning` block (its epochs, rate and batch: `prune.fine_tune`'s)."""
+  share: float = spec(SHARE, number(0.0, 1.0, low_open=True),
+                      "The share of S stamped with the synthetic trigger (NC's 0.2).")
+
+
+def _run(inputs: Inputs, both) -> Record:
+  values, tuning = both
+  defended = unlearn(inputs.model, inputs.variables, inputs.images, inputs.labels,
+                     inputs.trigger, fine_tuning.recipe(inputs, tuning),
+                     key=keys.run_key(inputs.seed, keys.NC_UNLEARNING), share=values.share)
+  return Record(pruned=0, variables=defended, details={"share": values.share, "chosen_on": "S"})
+
+
+NC_UNLEARNING = Defense(
+    run=_run, needs_trigger=True,
+    from_config=lambda prune: (Settings.from_config(prune.nc_unlearning),
+                               fine_tuning.Settings.from_config(prune.fine_tune)),
+    cost=lambda work: fine_tuning.tuning_cost(work), blocks={"nc_unlearning": Settings,
+                                                            "fine_tune": fine_tuning.Settings},
+    description="Neural Cleanse unlearning: fine-tuning on S with a share stamped with the "
+                "synthetic trigger, true labels kept")

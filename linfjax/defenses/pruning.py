@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Mapping, Sequence
 
@@ -37,14 +38,61 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from linfjax import data, pixels
-from linfjax.training import metrics
+from linfjax import attacks, data, pixels, settings
 from linfjax.detection import norms
-from linfjax.attacks import triggers
+from linfjax.settings import choice, described, fail, integer, number, spec
+from linfjax.training import metrics
 
 SCORES = ("shift", "triggered")
 LEVEL_UNITS = ("fraction", "count")
-FINE_PRUNING = "fine_pruning"
+# Ours: 1 % steps up to 10 %, where a backdoor's few neurons sit, then coarser up to 90 % for
+# Fine-Pruning's dormant neurons. Level 0 (nothing pruned) is always added.
+DEFAULT_LEVELS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12, 0.14,
+                  0.16, 0.18, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75,
+                  0.8, 0.85, 0.9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """The `prune` block's fields that every pruning defense shares (METHOD.md's r* rule)."""
+  layer: str = spec("", described("a layer name of the model; empty: the default probe"),
+                    "Layer L; empty: the model's default probe (last conv map before pooling).")
+  score: str = spec("shift", choice(*SCORES),
+                    '"shift": delta_k; "triggered": the mean triggered norm.')
+  level_unit: str = spec("fraction", choice(*LEVEL_UNITS),
+                         "Levels as fractions of K, or as neuron counts.")
+  levels: tuple = spec(DEFAULT_LEVELS, described(
+      "fractions in [0, 1) (level_unit='fraction') or counts >= 0 ('count')"),
+      "Pruning levels swept (ours); level 0, nothing pruned, is always added.")
+  tau: float = spec(5.0, number(0.0, 100.0), "r*: defender-side ASR at most this (percent) ...")
+  delta: float = spec(3.0, number(0.0, 100.0), "... with the CA drop on S at most this (points).")
+  mask_batch: int = spec(8, integer(1), "Ours: masks vmapped together in a sweep call (chunks "
+                         "bound memory; 8 was fastest on CPU).")
+
+  def check(self, prefix: str) -> None:
+    levels = tuple(self.levels)
+    if not levels:
+      fail(f"{prefix}.levels", "is empty; give the pruning levels to sweep")
+    for level in levels:
+      if self.level_unit == "fraction":
+        if not isinstance(level, (int, float)) or isinstance(level, bool) or not 0 <= level < 1:
+          fail(f"{prefix}.levels", f"{level!r} is not a fraction of the layer's neurons in [0, 1)")
+      elif not isinstance(level, int) or isinstance(level, bool) or level < 0:
+        fail(f"{prefix}.levels", f"{level!r} is not a neuron count (an integer >= 0)")
+
+
+def map_size(model, variables, image_shape, layer: str) -> int:
+  """H' * W' of `layer`'s maps for images of `image_shape` (shape only, no compute)."""
+  image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  shape = jax.eval_shape(lambda v, x: model.apply(v, x, stop=layer)[0], variables, image).shape
+  return int(shape[1] * shape[2])
+
+
+def num_neurons(model, variables, image_shape, layer: str) -> int:
+  """K, the channels of `layer` (shape only, no compute)."""
+  image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return int(jax.eval_shape(lambda v, x: model.apply(v, x, stop=layer)[0], variables,
+                            image).shape[-1])
 
 
 def scores_from_moments(moments: norms.Moments, *, norm: str, score: str = "shift",
@@ -71,33 +119,6 @@ def scores_from_moments(moments: norms.Moments, *, norm: str, score: str = "shif
   if score == "triggered":
     return np.asarray(triggered)
   return np.asarray(triggered - moments.mean[0, index])
-
-
-def layer_statistics(apply_fn: Callable, variables, images: np.ndarray,
-                     trigger: triggers.Trigger, *, layer: str,
-                     batch_size: int) -> tuple[norms.Moments, int]:
-  """Per-neuron l1/l2/linf statistics of `layer` on a set, clean and under one trigger.
-
-  Args:
-    apply_fn: `model.apply` of a model whose probe layers include `layer`.
-    variables: the model's variables.
-    images: [N, H, W, C] uint8 (the defender's clean set S).
-    trigger: the defender's trigger `T^`.
-    layer: the layer `L`.
-    batch_size: images per forward pass.
-
-  Returns:
-    (Moments with mean and m2 [2, len(norms.NORMS), K], condition 1 under `trigger`;
-    the layer's map size `H' * W'`).
-  """
-  statistics = norms.norm_statistics(apply_fn, variables, images, [trigger],
-                                     batch_size=batch_size)
-  if layer not in statistics:
-    raise KeyError(f"the model does not return layer {layer!r} among its activations "
-                   f"({', '.join(statistics)}); build it with probe_layers=({layer!r},)")
-  shape = jax.eval_shape(lambda v, x: apply_fn(v, x, stop=layer)[0], variables,
-                         jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
-  return statistics[layer], int(shape.shape[1] * shape.shape[2])
 
 
 def clean_mean_activation(moments: norms.Moments, *, map_size: int,
@@ -170,7 +191,7 @@ def masks(order: ArrayLike, counts: ArrayLike) -> np.ndarray:
   return (position[None, :] >= counts[:, None]).astype(np.float32)
 
 
-def masked_logits(variables, images: jax.Array, trigger_list: Sequence[triggers.Trigger],
+def masked_logits(variables, images: jax.Array, trigger_list: Sequence[attacks.Trigger],
                   mask_stacks: Mapping[str, jax.Array], *, apply_fn: Callable, start: str,
                   mask_batch: int = 8) -> jax.Array:
   """Logits of a batch, clean and triggered, under every mask: the prefix runs once.
@@ -193,7 +214,7 @@ def masked_logits(variables, images: jax.Array, trigger_list: Sequence[triggers.
     raise KeyError(f"start layer {start!r} has no masks ({', '.join(mask_stacks)})")
   x = pixels.to_unit_float(images)
   batch = x.shape[0]
-  stacked = jnp.concatenate([x] + [triggers.apply(t, x) for t in trigger_list])
+  stacked = jnp.concatenate([x] + [attacks.apply(t, x) for t in trigger_list])
   features, _ = apply_fn(variables, stacked, stop=start)
 
   def head(mask_dict):
@@ -220,7 +241,7 @@ def compiled_predictions(apply_fn: Callable, start: str, mask_batch: int = 8) ->
 
 
 def sweep(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray,
-          trigger: triggers.Trigger, mask_stacks: Mapping[str, ArrayLike], *, start: str,
+          trigger: attacks.Trigger, mask_stacks: Mapping[str, ArrayLike], *, start: str,
           target: int, mode: str, num_classes: int, batch_size: int, mask_batch: int = 8,
           on_batch: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
   """CA, ASR and RA (METHOD.md's "Metrics") of the model under every mask, over a split.
@@ -286,20 +307,6 @@ def choose_level(asr_defender: ArrayLike, ca_clean_set: ArrayLike, *, ca_referen
   return int(candidates[np.argmin(asr_defender[candidates])])
 
 
-def defense_entry(*, r_star: int, ca: float, asr_real: float, asr_defender: float,
-                  ca_before: float, asr_before: float) -> dict[str, float]:
-  """results.json's entry for one defense at r* (METHOD.md, "Metrics" and "Results file").
-
-  `dCA`, `dASR` and `DER` compare with the backdoored model before the defense, all on
-  the test split.
-  """
-  return {"r_star": int(r_star), "CA": float(ca), "ASR_real": float(asr_real),
-          "ASR_defender": float(asr_defender), "dCA": float(ca_before - ca),
-          "dASR": float(asr_before - asr_real),
-          "DER": metrics.der(ca_before=ca_before, ca_after=ca, asr_before=asr_before,
-                             asr_after=asr_real)}
-
-
 def fine_pruning_level(ca_clean_set: ArrayLike, *, ca_reference: float, delta: float) -> int:
   """Fine-Pruning's level (Liu et al.): prune the least-active neurons until the clean
   accuracy on S has dropped by more than `delta`; the level just before that one.
@@ -317,74 +324,3 @@ def fine_pruning_level(ca_clean_set: ArrayLike, *, ca_reference: float, delta: f
   chex.assert_rank(drop, 1)
   over = np.flatnonzero(drop > delta)
   return int(over[0] - 1) if len(over) else len(drop) - 1
-
-
-def relative_shifts(moments: norms.Moments, *, norm: str, condition: int = 0,
-                    norm_names: Sequence[str] = norms.NORMS) -> np.ndarray:
-  """`delta_k / mean_x ||A_k(x)||_p`: each neuron's shift in units of its own clean norm, which
-  compares across layers (ours, for ranking several layers jointly). The denominator is
-  floored at `norms.REL_FLOOR` times the layer's mean clean norm, as for METHOD.md's `rel`.
-
-  Returns:
-    [K] float64.
-  """
-  index = list(norm_names).index(norm)
-  clean = np.asarray(moments.mean[0, index], np.float64)
-  floor = max(norms.REL_FLOOR * float(np.mean(clean)), np.finfo(np.float32).tiny)
-  return scores_from_moments(moments, norm=norm, condition=condition,
-                             norm_names=norm_names) / np.maximum(clean, floor)
-
-
-MULTI_LAYER_RANKINGS = ("per_layer", "joint")
-
-
-def multi_layer_masks(scores: Mapping[str, np.ndarray], fractions: Sequence[float], *,
-                      scope: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Masks that prune several layers at once, one pruned model per fraction.
-
-  Args:
-    scores: layer -> [K_layer] scores, larger more suspect (per layer: `delta_k`; jointly:
-      `relative_shifts`, which compare across layers).
-    fractions: [levels] fractions in [0, 1), ascending, of each layer's neurons
-      ("per_layer") or of all the layers' neurons together ("joint").
-    scope: "per_layer" prunes the top fraction of every layer by its own ranking;
-      "joint" ranks all neurons of all layers together and prunes the top fraction.
-
-  Returns:
-    (int64 [levels] neurons pruned in all, layer -> float32 [levels, K_layer] masks).
-  """
-  if scope not in MULTI_LAYER_RANKINGS:
-    raise ValueError(f"unknown multi-layer ranking {scope!r}; known: "
-                     f"{', '.join(MULTI_LAYER_RANKINGS)}")
-  fractions = np.asarray(fractions, np.float64)
-  layers = list(scores)
-  if scope == "per_layer":
-    stacks = {layer: masks(ranking(values), np.floor(fractions * len(values) + 0.5))
-              for layer, values in scores.items()}
-  else:
-    joined = np.concatenate([np.asarray(scores[layer], np.float64) for layer in layers])
-    total = masks(ranking(joined), np.floor(fractions * len(joined) + 0.5))
-    bounds = np.cumsum([0] + [len(scores[layer]) for layer in layers])
-    stacks = {layer: total[:, bounds[i]:bounds[i + 1]] for i, layer in enumerate(layers)}
-  pruned = sum((stack == 0).sum(axis=1) for stack in stacks.values()).astype(np.int64)
-  return pruned, stacks
-
-
-def method_rankings(moments: norms.Moments, *, norm_list: Sequence[str], score: str,
-                    map_size: int, fine_pruning: bool, condition: int = 0,
-                    norm_names: Sequence[str] = norms.NORMS) -> dict[str, np.ndarray]:
-  """Pruning orders of one layer: one per norm (largest score first) and Fine-Pruning's
-  (smallest clean mean first), each int64 [K]."""
-  orders = {norm: ranking(scores_from_moments(moments, norm=norm, score=score,
-                                              condition=condition, norm_names=norm_names))
-            for norm in norm_list}
-  if fine_pruning:
-    orders[FINE_PRUNING] = ranking(
-        clean_mean_activation(moments, map_size=map_size, norm_names=norm_names),
-        largest_first=False)
-  return orders
-
-
-def stacked_masks(orders: Mapping[str, np.ndarray], counts: np.ndarray) -> np.ndarray:
-  """Every method's masks in one stack: [len(orders) * levels, K], method-major."""
-  return np.concatenate([masks(order, counts) for order in orders.values()])

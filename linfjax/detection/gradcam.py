@@ -68,7 +68,7 @@ def compiled_gradcam(apply_fn: Callable, layer: str) -> Callable:
 def attention(maps: jax.Array, region: jax.Array) -> jax.Array:
   """Trigger attention: the share of each map's mass inside a region.
 
-  With `triggers.region(trigger)` as the region, a patch trigger's region is its square;
+  With `attacks.region(trigger)` as the region, a patch trigger's region is its square;
   a blend trigger changes every pixel, so its region is the whole image and its attention
   is 1 for any non-zero map (the score says nothing for whole-image triggers).
 

@@ -6,7 +6,7 @@ learning rate means the same here) minimise, on the defender's clean set S,
 
     mean_x CE(f((1 - m_c) * x + m_c * p_c), c) + lambda_c * ||m_c||_1,
 
-and the stamped image is `triggers.apply(Trigger(m_c[..., None], p_c), x)`, so a
+and the stamped image is `attacks.apply(Trigger(m_c[..., None], p_c), x)`, so a
 recovered trigger is an ordinary mask-and-pattern `Trigger`. All classes are solved
 at once: `jax.vmap` over the per-class state with the model's weights and the batch
 shared, which keeps the convolutions dense (the vmap that pays, ../shared/FINDINGS.md).
@@ -44,9 +44,9 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from linfjax import errors, pixels
+from linfjax import attacks, errors, pixels, settings
 from linfjax.detection import nc_schedule
-from linfjax.attacks import triggers
+from linfjax.settings import boolean, integer, number, spec
 
 # NC draws the initial mask and pattern uniformly in [0, 1]; ours: kept inside
 # [0.01, 0.99] so that their logits are finite.
@@ -58,24 +58,36 @@ class ReverseDiverged(errors.UserError, RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """Neural Cleanse's hyperparameters (a config's `reverse` block); patiences in updates."""
-  steps: int
-  mini_batches: int
-  batch_size: int
-  learning_rate: float
-  init_cost: float
-  reset_cost_to_zero: bool
-  cost_multiplier: float
-  patience: int
-  attack_success_threshold: float
-  success_images: int
-  early_stop_threshold: float
-  early_stop_patience: int
+class Settings(settings.Settings):
+  """Neural Cleanse's hyperparameters (a config's `reverse` block); patiences in updates.
 
-  @classmethod
-  def from_config(cls, reverse_config) -> "Settings":
-    return cls(**{field.name: reverse_config[field.name] for field in dataclasses.fields(cls)})
+  Values from NC's code (its GTSRB example) unless marked "ours". A step is `mini_batches`
+  Adam updates followed by the adaptive-cost bookkeeping.
+  """
+  steps: int = spec(1000, integer(1), "NC's steps.")
+  mini_batches: int = spec(16, integer(1), "Ours: Adam updates a step, one pass over the 500 "
+                           "images of S (NC: 1000 / 32).")
+  batch_size: int = spec(32, integer(1), "Images of S per update.")
+  learning_rate: float = spec(0.1, number(0.0, 10.0, low_open=True),
+                              "Adam, betas (0.5, 0.9); NC's tanh parametrisation.")
+  init_cost: float = spec(1e-3, number(0.0, 1e3, low_open=True), "The mask norm's first cost.")
+  reset_cost_to_zero: bool = spec(False, boolean(),
+                                  "NC's code starts the cost at 0 and sets it to init_cost after "
+                                  "`patience` successes; BackdoorBench's NC starts at init_cost "
+                                  "(ours: the default).")
+  cost_multiplier: float = spec(2.0, number(1.0, 100.0, low_open=True),
+                                "Up by this, down by its 1.5th power.")
+  patience: int = spec(80, integer(1), "Adam updates of success (failure) before the cost moves "
+                       "(NC: 5 steps).")
+  attack_success_threshold: float = spec(0.99, number(0.0, 1.0, low_open=True),
+                                         "The attack success a class must reach.")
+  success_images: int = spec(0, integer(0), "Images of S each step's success is judged on by a "
+                             "forward-only pass of the current trigger (ours); 0: the mean over "
+                             "the step's mini-batches, as NC.")
+  early_stop_threshold: float = spec(1.0, number(0.0, 1.0, low_open=True),
+                                     "Stalled: best norm >= this x the earlier best.")
+  early_stop_patience: int = spec(400, integer(1), "Stalled Adam updates before a class stops "
+                                  "(NC: 25 steps).")
 
   @property
   def schedule(self) -> nc_schedule.Schedule:
@@ -114,9 +126,9 @@ class Reversed(NamedTuple):
   mask_l1: np.ndarray
   succeeded: np.ndarray
 
-  def trigger(self, target: int) -> triggers.Trigger:
+  def trigger(self, target: int) -> attacks.Trigger:
     """Class `target`'s synthetic trigger: mask [H, W, 1] and pattern [H, W, C]."""
-    return triggers.Trigger(jnp.asarray(self.masks[target][..., None]),
+    return attacks.Trigger(jnp.asarray(self.masks[target][..., None]),
                             jnp.asarray(self.patterns[target]))
 
 
@@ -160,8 +172,8 @@ def init(key: jax.Array, image_shape: tuple[int, int, int], num_classes: int,
 
 def _stamp(state: ClassState, images: jax.Array) -> jax.Array:
   """uint8 images [B, H, W, C] with the class's current trigger, floats in [0, 1]."""
-  trigger = triggers.Trigger(to_unit(state.theta_mask)[..., None], to_unit(state.theta_pattern))
-  return triggers.apply(trigger, pixels.to_unit_float(images))
+  trigger = attacks.Trigger(to_unit(state.theta_mask)[..., None], to_unit(state.theta_pattern))
+  return attacks.apply(trigger, pixels.to_unit_float(images))
 
 
 def update(state: ClassState, variables, images: jax.Array, batch_indices: jax.Array,

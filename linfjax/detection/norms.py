@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linfjax import data, pixels
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 NORMS = ("l1", "l2", "linf")
 # `rel` divides by a neuron's clean norm; a (near-)dead neuron's is floored at this share of
@@ -90,7 +90,7 @@ def merge(a: Moments, b: Moments) -> Moments:
 
 
 def batch_moments(variables, images: jax.Array, valid: jax.Array,
-                  trigger_list: Sequence[triggers.Trigger], *, apply_fn: Callable,
+                  trigger_list: Sequence[attacks.Trigger], *, apply_fn: Callable,
                   norms: Sequence[str] = NORMS) -> dict[str, tuple]:
   """One forward pass over clean and triggered images; per-layer masked batch moments.
 
@@ -107,7 +107,7 @@ def batch_moments(variables, images: jax.Array, valid: jax.Array,
   """
   x = pixels.to_unit_float(images)
   batch = x.shape[0]
-  stacked = jnp.concatenate([x] + [triggers.apply(t, x) for t in trigger_list])
+  stacked = jnp.concatenate([x] + [attacks.apply(t, x) for t in trigger_list])
   _, activations = apply_fn(variables, stacked)
   conditions = 1 + len(trigger_list)
   weight = valid.astype(jnp.float32).reshape(1, 1, batch, 1)
@@ -128,7 +128,7 @@ def _compiled_batch_moments(apply_fn: Callable, norms: tuple[str, ...]) -> Calla
 
 
 def norm_statistics(apply_fn: Callable, variables, images: np.ndarray,
-                    trigger_list: Sequence[triggers.Trigger] = (), *, batch_size: int,
+                    trigger_list: Sequence[attacks.Trigger] = (), *, batch_size: int,
                     norms: Sequence[str] = NORMS,
                     on_batch: Callable[[], None] | None = None) -> dict[str, Moments]:
   """Per-neuron norm statistics of every probe layer over a dataset, clean and triggered.

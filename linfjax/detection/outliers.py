@@ -32,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from linfjax import settings
+from linfjax.settings import choice, number, spec
+
 # Median absolute deviation to standard deviation, for normally distributed values.
 MAD_CONSISTENCY = 1.4826
 # Fewer classes than this that succeeded give no median worth testing against.
@@ -88,6 +91,27 @@ STATISTICS: dict[str, Statistic] = {
     "ratio": Statistic(median_ratio, 3.0,
                        "how many times smaller than the median mask norm the class's is"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """The `reverse` block's detection fields: which index flags a class, above what."""
+  statistic: str = spec("ratio", choice(*STATISTICS),
+                        'The outlier index: NC\'s MAD index ("nc"), the same on log norms '
+                        '("log"), or median norm / class norm ("ratio", ours).')
+  anomaly_threshold: float = spec(0.0, number(0.0, 100.0),
+                                  "The index above which a class is flagged; 0: the "
+                                  "statistic's own default.")
+
+  @property
+  def threshold(self) -> float:
+    """The threshold in force: the configured one, else the statistic's default."""
+    return threshold(self.statistic, self.anomaly_threshold)
+
+
+def threshold(statistic: str, configured: float = 0.0) -> float:
+  """The threshold a statistic flags above: `configured`, or its default when that is 0."""
+  return configured or STATISTICS[statistic].default_threshold
 
 
 @dataclasses.dataclass(frozen=True)

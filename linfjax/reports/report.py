@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+from linfjax import defenses
 from linfjax.detection import outliers
 
 REPORT_FILE = "report.html"
@@ -99,10 +100,11 @@ def _verdict(values: dict) -> str:
 
 def _reverse_section(entry: dict, config: dict, results: dict) -> str:
   del results
-  statistic = config.get("reverse", {}).get("statistic", "nc")
+  reverse = config.get("reverse", {})
+  statistic = reverse.get("statistic", outliers.Settings().statistic)
   known = outliers.STATISTICS.get(statistic)
-  threshold = config.get("reverse", {}).get("anomaly_threshold") or (
-      known.default_threshold if known else "-")
+  threshold = outliers.threshold(statistic, reverse.get("anomaly_threshold", 0.0)) if known \
+      else "-"
   meaning = f" ({known.description})" if known else ""
   parts = [f"<p>Backdoored model: <b>{_escape(_verdict(entry))}</b>. A class is flagged when "
            f"its <code>{_escape(statistic)}</code> index{_escape(meaning)} exceeds "
@@ -156,17 +158,6 @@ def _analysis_section(entry: dict, config: dict, results: dict) -> str:
   return "".join(parts)
 
 
-METHOD_NOTES = (
-    ("linf, l2, l1", "the paper's defense: layer L pruned by the trigger-induced shift under "
-     "that norm"),
-    ("<norm>_ft", "the same pruned model, then fine-tuned on S with its mask fixed"),
-    ("<norm>_layers", "beyond the paper: several layers pruned at once (<norm>_layers_ft: then "
-     "fine-tuned)"),
-    ("fine_pruning", "Liu et al.: layer L's least-active neurons, then fine-tuned"),
-    ("fine_tuning", "a control: the unpruned model fine-tuned on S alike"),
-)
-
-
 def _prune_section(entry: dict, config: dict, results: dict) -> str:
   settings = config.get("prune", {})
   parts = [f"<p>r*: the smallest pruning level whose defender-side ASR on S is at most "
@@ -175,9 +166,12 @@ def _prune_section(entry: dict, config: dict, results: dict) -> str:
            f"drop), chosen on S only; r* counts pruned neurons (of layer "
            f"{_escape(settings.get('layer') or 'L, the last conv map before pooling')}, or of "
            "all pruned layers). Fine-Pruning's level is its own: "
-           f"{_escape(settings.get('fine_pruning_level', '-'))}. The curves show the sweeps "
-           "before fine-tuning.</p><ul>"]
-  parts += [f"<li><b>{_escape(name)}</b>: {_escape(text)}</li>" for name, text in METHOD_NOTES]
+           f"{_escape(settings.get('fine_pruning', {}).get('level', '-'))}. The curves show the "
+           "sweeps before fine-tuning.</p><ul>"]
+  shown = dict.fromkeys(name for source in ("synthetic", "real")
+                        for name in entry.get(source, {}) if name != "skipped")
+  parts += [f"<li><b>{_escape(name)}</b>: {_escape(defenses.DEFENSES[name].description)}</li>"
+            for name in shown if name in defenses.DEFENSES]
   parts.append("</ul>")
   keys = ("r_star", "CA", "ASR_real", "ASR_defender", "dCA", "dASR", "DER")
   for source in ("synthetic", "real"):

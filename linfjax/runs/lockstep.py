@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from linfjax.training import train
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 RUNS_AXIS = "runs"
 
@@ -59,7 +59,7 @@ def _unstack(tree, count: int) -> list:
 
 
 def fit(states: Sequence[train.TrainState], datasets: Sequence[train.DeviceData],
-        trigger_list: Sequence[triggers.Trigger], keys: Sequence[jax.Array],
+        trigger_list: Sequence[attacks.Trigger], keys: Sequence[jax.Array],
         recipe: train.Recipe, *, mesh: Mesh, start_epoch: int = 0,
         on_epoch_end: Callable[[int, list, list], None] | None = None,
         on_step: Callable[[], None] | None = None) -> list[train.TrainState]:

@@ -18,11 +18,11 @@ from typing import Callable
 import ml_collections
 from absl import logging
 
+from linfjax import attacks, data, defenses, errors, files
 from linfjax import config as config_lib
-from linfjax.runs import checkpoints, shared_work
-from linfjax import data, errors, files
-from linfjax.attacks import poison, triggers
+from linfjax.attacks import poison
 from linfjax.reports import report
+from linfjax.runs import checkpoints, shared_work
 from linfjax.runs import progress as progress_lib
 from linfjax.runs.stages import analysis as analysis_stage
 from linfjax.runs.stages import prune as prune_stage
@@ -155,7 +155,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
     except ValueError as e:
       raise config_lib.ConfigError(f"config.poison.rate: {e}; change the rate or the "
                                    "data") from None
-  trigger = triggers.from_config(config.trigger, dataset.image_shape)
+  trigger = attacks.from_config(config.trigger, dataset.image_shape)
   return RunContext(config=config, workdir=workdir, dataset=dataset, split=split,
                     trigger=trigger, progress=progress, shared=shared)
 
@@ -164,37 +164,24 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
   """Each stage's work in image passes (a backward pass counts 2), for the progress estimate.
 
   Rough by design: the model's cost per image is taken as the same in every stage, and the
-  pruning sweep's heads (the layers after L, for every mask) and the figures are left out.
-  The README's "Measured" section gives the quick config's share of each stage, estimated
-  and measured.
+  pruning sweep's heads (the layers after L, for every mask) and the figures are left out;
+  each defense estimates its own (`Defense.cost`).
   """
   num_train = len(dataset.train_labels) - config.data.clean_set_size
   clean_set, test = config.data.clean_set_size, len(dataset.test_labels)
-  models, sources = 2, 2  # backdoored and vanilla; synthetic and real trigger
+  models = 2  # backdoored and vanilla
   train_steps = config.train.epochs * (num_train // config.train.batch_size)
   reverse = config.reverse
   per_step = (reverse.mini_batches * reverse.batch_size * 3.0
               + min(reverse.success_images, clean_set))
-  prune = config.prune
-  layer_norms = len(prune.multi_layer_norms) if prune.multi_layer else 0
-  baselines = set(prune.baselines)
-  tuned = (int(prune.fine_pruning) + int(prune.fine_tuning_control)
-           + int("nc_unlearning" in baselines)
-           + (len(prune.norms) + layer_norms if prune.fine_tune else 0))
-  # Models evaluated one by one on both splits.
-  evaluated = tuned + layer_norms + len(baselines - {"nc_unlearning"})
-  sweeps = sources * (test + clean_set) * 2 + int(prune.fine_pruning) * (test + clean_set) * 2
-  # The extensions and baselines run for the synthetic source only.
-  extensions = ((test + clean_set) * 2 * evaluated
-                + layer_norms * (len(prune.multi_layer_levels) + 1) * clean_set * 2
-                + tuned * prune.fine_tune_epochs * clean_set * 3.0
-                # ANP: a perturbation step and a mask step per batch.
-                + int("anp" in baselines) * prune.anp_iterations * 128 * 6.0)
+  work = defenses.Work(clean_set=clean_set, test=test, num_classes=dataset.num_classes)
+  prune = sum(defenses.DEFENSES[name].cost(work) for source in prune_stage.SOURCES
+              for name in prune_stage.defense_names(config, source))
   return {
       "train": models * train_steps * config.train.batch_size * 3.0,
       "reverse": models * reverse.steps * per_step * dataset.num_classes,
       "analysis": models * 3 * (clean_set + 3 * analysis_stage.ATTENTION_IMAGES),
-      "prune": sweeps + extensions,
+      "prune": prune,
   }
 
 

@@ -120,5 +120,5 @@ def fine_tune(model: models.LayeredClassifier, variables, images: np.ndarray,
     bad = int(np.flatnonzero(~np.isfinite(losses))[0])
     raise train.TrainingDiverged(
         f"the fine-tuning loss became {losses[bad]} at step {bad}; lower "
-        "prune.fine_tune_learning_rate")
+        "prune.fine_tune.learning_rate")
   return train.variables(state)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from linfjax import data, pixels
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 
 
 def attack_metrics(clean_predictions, triggered_predictions, labels, *, target: int,
@@ -47,7 +48,7 @@ def der(*, ca_before: float, ca_after: float, asr_before: float, asr_after: floa
 
 def _predict_clean_and_triggered(variables, images, trigger, *, apply_fn):
   images = pixels.to_unit_float(images)
-  both = jnp.concatenate([images, triggers.apply(trigger, images)])
+  both = jnp.concatenate([images, attacks.apply(trigger, images)])
   logits, _ = apply_fn(variables, both)
   predictions = jnp.argmax(logits, -1)
   return jnp.split(predictions, 2)
@@ -59,7 +60,7 @@ def _compiled_predict(apply_fn: Callable) -> Callable:
 
 
 def predict_clean_and_triggered(apply_fn: Callable, variables, images: np.ndarray,
-                                trigger: triggers.Trigger, *, batch_size: int):
+                                trigger: attacks.Trigger, *, batch_size: int):
   """Predicted classes of the clean and the triggered images, in one forward pass per batch.
 
   Batches are padded to `batch_size` so that one compiled function serves the whole split.
@@ -74,7 +75,7 @@ def predict_clean_and_triggered(apply_fn: Callable, variables, images: np.ndarra
 
 
 def evaluate(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray,
-             trigger: triggers.Trigger, *, target: int, mode: str, num_classes: int,
+             trigger: attacks.Trigger, *, target: int, mode: str, num_classes: int,
              batch_size: int) -> dict[str, float]:
   """CA, ASR and RA of a model on a labelled split, in one pass."""
   clean, triggered = predict_clean_and_triggered(apply_fn, variables, images, trigger,

@@ -21,12 +21,38 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from linfjax import errors, pixels
-from linfjax.attacks import poison, triggers
+from linfjax import errors, keys, pixels, settings
+from linfjax.settings import boolean, choice, integer, number, spec
+from linfjax import attacks
+from linfjax.attacks import poison
 
 
-# Folded into a step's key for the noise mode's noise, apart from the augmentation's draws.
-NOISE_SALT = 1
+
+
+# Padding before the random crop: "zeros" as torchvision's RandomCrop(32, padding=4) in
+# BackdoorBench; "reflect" mirrors the border (no black frame for the model to learn).
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(settings.Settings):
+  """The `train` block: BackdoorBench's recipe by default (SGD lr 0.01, momentum 0.9, weight
+  decay 5e-4, batch 128, 100 epochs, cosine decay, crop with zero padding 4, flips)."""
+  epochs: int = spec(100, integer(1), "Epochs of training.")
+  batch_size: int = spec(128, integer(1), "Images per SGD step.")
+  learning_rate: float = spec(0.01, number(0.0, 10.0, low_open=True),
+                              "SGD's initial rate, decayed by a cosine to 0.")
+  momentum: float = spec(0.9, number(0.0, 1.0, high_open=True), "SGD momentum.")
+  nesterov: bool = spec(False, boolean(), "Nesterov momentum (BackdoorBench: plain momentum).")
+  weight_decay: float = spec(5e-4, number(0.0, 1.0), "Coupled weight decay, as torch's SGD.")
+  crop_padding: int = spec(4, integer(0), "Pixels of padding before the random crop.")
+  padding_mode: str = spec("zeros", choice(*PADDING_MODES),
+                           'Crop padding: "zeros" (torchvision\'s) or "reflect".')
+  flip: bool = spec(True, boolean(), "Random horizontal flips.")
+  compute_dtype: str = spec("float32", choice(*COMPUTE_DTYPES),
+                            "The models' compute dtype (bfloat16 on GPUs).")
+  eval_batch_size: int = spec(500, integer(1), "Images per evaluation call.")
 
 
 class TrainingDiverged(errors.UserError, RuntimeError):
@@ -82,9 +108,6 @@ def create_state(model, variables, tx) -> TrainState:
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 
 
-# Padding before the random crop: "zeros" as torchvision's RandomCrop(32, padding=4) in
-# BackdoorBench; "reflect" mirrors the border (no black frame for the model to learn).
-PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}
 
 
 def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool,
@@ -114,7 +137,7 @@ def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool,
 
 
 def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
-               trigger: triggers.AnyTrigger, key: jax.Array, *, padding: int, flip: bool,
+               trigger: attacks.AnyTrigger, key: jax.Array, *, padding: int, flip: bool,
                padding_mode: str = "zeros"):
   """One SGD step on the examples `batch_indices` of `data`.
 
@@ -129,9 +152,9 @@ def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
   step_key = jax.random.fold_in(key, state.step)
   images = augment(step_key, images, padding=padding, flip=flip, padding_mode=padding_mode)
   stamp = data.stamp[batch_indices][:, None, None, None]
-  images = jnp.where(stamp, triggers.apply(trigger, images), images)
+  images = jnp.where(stamp, attacks.apply(trigger, images), images)
   noise = data.noise[batch_indices][:, None, None, None]
-  noisy = triggers.apply_noise_mode(trigger, images, jax.random.fold_in(step_key, NOISE_SALT))
+  noisy = attacks.apply_noise_mode(trigger, images, jax.random.fold_in(step_key, keys.NOISE_MODE))
   images = jnp.where(noise, noisy, images)
 
   def loss_fn(params):
@@ -161,7 +184,7 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
   return order[:steps * batch_size].reshape(steps, batch_size)
 
 
-def train_epoch(state: TrainState, data: DeviceData, trigger: triggers.AnyTrigger, *,
+def train_epoch(state: TrainState, data: DeviceData, trigger: attacks.AnyTrigger, *,
                 key: jax.Array, epoch: int, batch_size: int, padding: int, flip: bool,
                 padding_mode: str = "zeros",
                 on_step: Callable[[dict], None] | None = None) -> tuple[TrainState, dict]:
@@ -210,7 +233,7 @@ class Recipe:
                bool(train_config.flip), train_config.padding_mode)
 
 
-def fit(state: TrainState, data: DeviceData, trigger: triggers.AnyTrigger, recipe: Recipe, *,
+def fit(state: TrainState, data: DeviceData, trigger: attacks.AnyTrigger, recipe: Recipe, *,
         key: jax.Array, start_epoch: int = 0,
         on_epoch_end: Callable[[int, TrainState, dict], None] | None = None,
         on_step: Callable[[dict], None] | None = None) -> TrainState:

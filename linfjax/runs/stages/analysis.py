@@ -37,7 +37,8 @@ from linfjax.reports import figures
 from linfjax import files, pixels
 from linfjax.detection import gradcam, norms
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.runs.stages import reverse as reverse_stage
 from linfjax.runs.stages import train as train_stage
 from linfjax.runs.stages.context import RunContext
@@ -47,11 +48,11 @@ ATTENTION_IMAGES = 100  # S images whose Grad-CAM attention is averaged.
 PANEL_IMAGES = 3  # Images shown in the Grad-CAM and activation-map figures.
 TOP_NEURONS = 4  # Most shifted neurons (linf, real trigger) shown per layer.
 # A synthetic mask is a sigmoid, positive everywhere; its region is where it reaches half
-# its maximum (ours: a binary patch mask gives its square, as `triggers.region` does).
+# its maximum (ours: a binary patch mask gives its square, as `attacks.region` does).
 SYNTHETIC_REGION_LEVEL = 0.5
 
 
-def synthetic_region(trigger: triggers.Trigger) -> np.ndarray:
+def synthetic_region(trigger: attacks.Trigger) -> np.ndarray:
   """[H, W] bool: where a synthetic mask reaches SYNTHETIC_REGION_LEVEL of its maximum."""
   mask = np.asarray(trigger.mask)[..., 0]
   return (mask > 0) & (mask >= SYNTHETIC_REGION_LEVEL * mask.max())
@@ -110,7 +111,7 @@ def _analyse_model(ctx, kind, variables, apply_fn, layers, conditions,
   images, _ = ctx.clean_set
   batch_size = ctx.config.train.eval_batch_size
   x, classes = _attention_inputs(ctx)
-  inputs = {"clean": x, **{name: np.asarray(triggers.apply(t, x)) for name, t in
+  inputs = {"clean": x, **{name: np.asarray(attacks.apply(t, x)) for name, t in
                            conditions.items()}}
   bar = ctx.progress.bar(f"analysis {kind}", math.ceil(len(images) / batch_size) + len(inputs),
                          part=1 / len(MODEL_KINDS), unit="batch")
@@ -134,7 +135,7 @@ def _analyse_model(ctx, kind, variables, apply_fn, layers, conditions,
 
   panel = x[:PANEL_IMAGES]
   _, clean_activations = apply_fn(variables, panel)
-  _, triggered_activations = apply_fn(variables, triggers.apply(ctx.trigger, panel))
+  _, triggered_activations = apply_fn(variables, attacks.apply(ctx.trigger, panel))
   linf = norms.NORMS.index("linf")
   for layer in layers:
     top = np.argsort(-norms.shifts(moments[layer])[0, linf])[:TOP_NEURONS]
@@ -198,7 +199,7 @@ def _write_figures(ctx, stage_dir, per_model, layers, conditions) -> None:
                    os.path.join(stage_dir, f"shifts_{condition}_{layer}.png"))
   x, _ = _attention_inputs(ctx)
   panel = x[:PANEL_IMAGES]
-  images = {"clean": panel, **{name: np.asarray(triggers.apply(t, panel))
+  images = {"clean": panel, **{name: np.asarray(attacks.apply(t, panel))
                                for name, t in conditions.items()}}
   for kind, arrays in per_model.items():
     for layer in layers:
@@ -217,7 +218,7 @@ def run(ctx: RunContext) -> dict:
   stage_dir = ctx.stage_dir("analysis")
   layers = _probe_layers(ctx)
   conditions = {"real": ctx.trigger}
-  regions = {"real": np.asarray(triggers.region(ctx.trigger))}
+  regions = {"real": np.asarray(attacks.region(ctx.trigger))}
   loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape,
                                                 ctx.dataset.num_classes)
   if loaded is None:

@@ -12,7 +12,7 @@ import numpy as np
 from linfjax import data
 from linfjax import models
 from linfjax.runs import progress as progress_lib, shared_work
-from linfjax.attacks import triggers
+from linfjax import attacks
 
 
 @dataclasses.dataclass
@@ -22,7 +22,7 @@ class RunContext:
   workdir: str
   dataset: data.Dataset
   split: data.Split
-  trigger: triggers.Trigger
+  trigger: attacks.Trigger
   # Stage bars come from `progress.bar(...)` (linfjax/runs/progress.py); a bool is turned into a
   # Tracker with that `enabled`. Falsy when bars are off.
   progress: progress_lib.Tracker | bool = True

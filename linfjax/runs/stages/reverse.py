@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from linfjax.runs import checkpoints
 from linfjax import files
 from linfjax.detection import outliers, recovery, neural_cleanse as reverse
-from linfjax.attacks import triggers
+from linfjax import attacks
 from linfjax.runs.stages import train as train_stage
 from linfjax.runs.stages.context import RunContext
 
@@ -76,7 +76,7 @@ def synthetic_trigger_path(workdir: str) -> str:
 
 
 def load_synthetic_trigger(workdir: str, image_shape,
-                           num_classes: int) -> tuple[triggers.Trigger, int, bool] | None:
+                           num_classes: int) -> tuple[attacks.Trigger, int, bool] | None:
   """The suspect class's synthetic trigger, that class, and whether it was flagged.
 
   Args:
@@ -90,7 +90,7 @@ def load_synthetic_trigger(workdir: str, image_shape,
     stage, or no class reached the attack-success threshold).
 
   Raises:
-    triggers.TriggerError: the file lacks an array, its arrays do not fit the images or
+    attacks.TriggerError: the file lacks an array, its arrays do not fit the images or
       leave [0, 1], or its target is not a class.
   """
   path = synthetic_trigger_path(workdir)
@@ -100,27 +100,27 @@ def load_synthetic_trigger(workdir: str, image_shape,
   with np.load(path, allow_pickle=False) as arrays:
     missing = {"mask", "pattern", "target", "flagged"} - set(arrays.files)
     if missing:
-      raise triggers.TriggerError(f"{path}: lacks arrays {sorted(missing)}; has "
+      raise attacks.TriggerError(f"{path}: lacks arrays {sorted(missing)}; has "
                                   f"{sorted(arrays.files)}")
     mask = np.asarray(arrays["mask"], np.float32)
     pattern = np.asarray(arrays["pattern"], np.float32)
     target, flagged = arrays["target"], arrays["flagged"]
     if target.shape != () or target.dtype.kind not in "iu" or flagged.dtype != bool:
-      raise triggers.TriggerError(f"{path}: 'target' must be one integer and 'flagged' a "
+      raise attacks.TriggerError(f"{path}: 'target' must be one integer and 'flagged' a "
                                   f"bool, got {target.dtype} {target.shape} and {flagged.dtype}")
     target, flagged = int(target), bool(flagged)
   if not 0 <= target < num_classes:
-    raise triggers.TriggerError(f"{path}: target {target} is not a class of this dataset "
+    raise attacks.TriggerError(f"{path}: target {target} is not a class of this dataset "
                                 f"(0..{num_classes - 1}); delete {os.path.dirname(path)} to "
                                 "redo the reverse stage")
   if mask.shape != (height, width, 1) or pattern.shape != (height, width, channels):
-    raise triggers.TriggerError(
+    raise attacks.TriggerError(
         f"{path}: mask {mask.shape} and pattern {pattern.shape} do not fit images of shape "
         f"{tuple(image_shape)} (expected ({height}, {width}, 1) and {tuple(image_shape)})")
   for name, array in (("mask", mask), ("pattern", pattern)):
     if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
-      raise triggers.TriggerError(f"{path}: {name} must hold values in [0, 1]")
-  return triggers.Trigger(jnp.asarray(mask), jnp.asarray(pattern)), target, flagged
+      raise attacks.TriggerError(f"{path}: {name} must hold values in [0, 1]")
+  return attacks.Trigger(jnp.asarray(mask), jnp.asarray(pattern)), target, flagged
 
 
 def _solve(ctx: RunContext, kind: str, log: dict, *,
@@ -254,8 +254,9 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict
   says how well the suspect's and the target's masks recover it (linfjax/detection/recovery.py).
   """
   cfg = ctx.config.reverse
-  threshold = cfg.anomaly_threshold or outliers.STATISTICS[cfg.statistic].default_threshold
-  detection = outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=cfg.statistic,
+  detecting = outliers.Settings.from_config(cfg)
+  threshold = detecting.threshold
+  detection = outliers.detect(outcome.mask_l1, outcome.succeeded, statistic=detecting.statistic,
                               threshold=threshold)
   others = {name: statistic.index(outcome.mask_l1, outcome.succeeded)
             for name, statistic in outliers.STATISTICS.items() if name != "nc"}
@@ -265,7 +266,7 @@ def _report(ctx: RunContext, kind: str, outcome: reverse.Reversed) -> tuple[dict
                   patterns=outcome.patterns, mask_l1=outcome.mask_l1,
                   anomaly_index=detection.nc_index, succeeded=outcome.succeeded,
                   **{f"{name}_index": index for name, index in others.items()})
-  region = np.asarray(triggers.region(ctx.trigger))
+  region = np.asarray(attacks.region(ctx.trigger))
   region = region if kind == "backdoored" and recovery.has_region(region) else None
   figure = _figure(outcome, detection, ctx.dataset.class_names, region)
   verdict = (f"flagged {detection.flagged}" if detection.flagged is not None else

@@ -29,7 +29,8 @@ from linfjax.runs import checkpoints
 from linfjax import files
 from linfjax.training import metrics, train
 from linfjax import models
-from linfjax.attacks import poison, triggers
+from linfjax import attacks
+from linfjax.attacks import poison
 from linfjax.runs.stages.context import RunContext
 
 MODEL_KINDS = ("backdoored", "vanilla")
@@ -118,7 +119,7 @@ class ModelPlan:
   model: models.LayeredClassifier
   state: train.TrainState
   data: train.DeviceData
-  trigger: triggers.Trigger
+  trigger: attacks.Trigger
   key: jax.Array
   store: checkpoints.StageCheckpoints
   start_epoch: int

@@ -1,0 +1,98 @@
+"""What every attack shares: the trigger protocol, `apply` and `region`, and the `Attack` entry.
+
+A trigger is a NamedTuple of arrays (a pytree, so a stack of triggers of one kind has a
+leading axis that `jax.vmap` maps over) with two methods:
+  - `stamp(images)`: the triggered batch, images [B, H, W, C] float32 in [0, 1];
+  - `region()`: [H, W] bool, where the trigger changes the image;
+and, where the attack has one, `noise_mode(images, key)` (WaNet's). `apply`, `region` and
+`apply_noise_mode` are what every caller uses; a trigger's type is static under `jit`, so
+each kind compiles to its own code.
+
+An `Attack` (one per file in linfjax/attacks/, listed in `ATTACKS`) says how a config's
+`trigger` block builds its trigger, which fields of that block it reads (its `Settings`),
+how it checks them against the data, and the preset a grid axis `trigger=NAME` applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linfjax import errors, pixels
+from linfjax import settings as settings_lib
+
+
+class TriggerError(errors.UserError, ValueError):
+  """A trigger's parameters do not describe a trigger for these images."""
+
+
+class TriggerLike(Protocol):
+  """The methods a trigger type has (see the module docstring)."""
+
+  def stamp(self, images: jax.Array) -> jax.Array: ...
+
+  def region(self) -> jax.Array: ...
+
+
+def apply(trigger: TriggerLike, images: jax.Array) -> jax.Array:
+  """Stamps a trigger on a batch.
+
+  Args:
+    trigger: a trigger for images of this size.
+    images: [B, H, W, C] float in [0, 1] (`pixels.to_unit_float` converts uint8 pixels; a
+      uint8 batch is refused, since a blend mask of 0.2 cast to uint8 is 0).
+
+  Returns:
+    [B, H, W, C], computed in float32 and returned in the images' dtype.
+  """
+  chex.assert_rank(images, 4)
+  pixels.require_float(images, "attacks.apply")
+  return trigger.stamp(images.astype(jnp.float32)).astype(images.dtype)
+
+
+def region(trigger: TriggerLike) -> jax.Array:
+  """Where a trigger changes the image: [H, W] bool (everywhere for whole-image triggers)."""
+  return trigger.region()
+
+
+def apply_noise_mode(trigger: TriggerLike, images: jax.Array, key: jax.Array) -> jax.Array:
+  """The attack's noise mode (WaNet's: the warp jittered by fresh noise, labels kept); the
+  images unchanged for attacks without one."""
+  noise_mode = getattr(trigger, "noise_mode", None)
+  if noise_mode is None:
+    return images
+  return noise_mode(images.astype(jnp.float32), key).astype(images.dtype)
+
+
+def check_unit_interval(array: np.ndarray, what: str) -> None:
+  if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+    raise TriggerError(f"{what} must hold values in [0, 1] (found {array.min()}..{array.max()})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """One attack of `ATTACKS`.
+
+  settings: the `trigger` block's fields the attack reads (linfjax/settings.py);
+  build: (its settings, image shape (H, W, C)) -> the trigger;
+  check: (its settings, "trigger") -> None, raising ConfigError for values it cannot use;
+  check_data: (its settings, image shape) -> None, raising ConfigError when the trigger does
+    not fit the images (checked before any compute);
+  preset: the trigger block fields `trigger=NAME` sets (kind, its parameters, and how it
+    poisons: clean_label, cross_ratio);
+  description: one line for listings and reports;
+  has_region: whether its trigger leaves part of the image untouched (a patch), so trigger
+    recovery can be measured.
+  """
+  settings: type[settings_lib.Settings]
+  build: Callable[[Any, tuple[int, int, int]], TriggerLike]
+  preset: dict
+  description: str
+  check: Callable[[Any, str], None] = lambda values, prefix: None
+  check_data: Callable[[Any, tuple[int, int, int]], None] = lambda values, shape: None
+  has_region: bool = False

@@ -1,0 +1,226 @@
+"""Run configuration: the blocks of a config, their defaults, variants and validation.
+
+A run is one `ml_collections.ConfigDict`. Each block's fields are declared once, with default,
+rule and meaning (linfjax/settings.py), by the module that reads them:
+  data       linfjax.data.sources.Settings
+  trigger    linfjax.attacks: the fields every attack shares and each attack's own
+  poison     linfjax.attacks.poison.Settings
+  model      linfjax.models.Settings
+  train      linfjax.training.train.Settings
+  reverse    linfjax.detection.neural_cleanse.Settings, linfjax.detection.outliers.Settings,
+             and `ReverseStage` here
+  prune      linfjax.defenses.pruning.Settings, linfjax.defenses.Choice, and each defense's
+             `prune.<name>` block
+  sweep      `Sweep` here; the top level (`seed`, `stages`): `Run` here.
+`base_config()` assembles them (BackdoorBench's full-size recipe: PreActResNet-18 on TFDS
+CIFAR-10, SGD lr 0.01, batch 128, 100 epochs); `make_quick` turns a config into the laptop
+variant; `validate` checks every field through its owner's rules before any compute, and
+`validate_against_data` what needs the dataset. `python -m linfjax.config` lists every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import ml_collections
+
+from linfjax import attacks, data, defenses, models, settings
+from linfjax.attacks import poison
+from linfjax.defenses import pruning
+from linfjax.detection import neural_cleanse, outliers
+from linfjax.settings import ConfigError, boolean, described, fail, integer, spec
+from linfjax.training import train
+
+STAGES = ("train", "reverse", "analysis", "prune")
+# Where the quick configs' data sit relative to a checkout of the repo: the CIFAR-10 subset
+# and the whole of GTSRB at 32x32 (elsewhere: `python -m linfjax.fetch [gtsrb] DIR`).
+SHARED_SUBSET = "../shared/data/cifar10-subset"
+SHARED_GTSRB = "../shared/data/gtsrb32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run(settings.Settings):
+  """The top level of a config."""
+  seed: int = spec(0, integer(0), "Seeds everything a run draws (linfjax/keys.py).")
+  stages: tuple = spec(STAGES, described(f"one or more of {', '.join(map(repr, STAGES))}, run "
+                                         "in order"), "The stages to run.")
+
+  def check(self, prefix: str) -> None:
+    del prefix
+    if not tuple(self.stages):
+      fail("stages", f"must name at least one stage; known: {', '.join(STAGES)}")
+    for stage in self.stages:
+      if stage not in STAGES:
+        fail("stages", f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseStage(settings.Settings):
+  """The reverse stage's own field of the `reverse` block."""
+  checkpoint_every: int = spec(10, integer(1), "Ours: steps between checkpoints.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep(settings.Settings):
+  """The `sweep` block: a grid of runs (linfjax/runs/grid.py, linfjax/runs/sweep.py)."""
+  axes: str = spec("", described("'FIELD=V1,V2,... FIELD=...' (linfjax/runs/grid.py); empty: a "
+                                 "single run"),
+                   "e.g. 'trigger=patch,blend poison.rate=0.05,0.1 seed=0,1,2'.")
+  models_per_device: int = spec(1, integer(1),
+                                "Models trained in lockstep (vmapped over runs) per device. 1: "
+                                "one after another, the measured fastest on CPU.")
+  share: bool = spec(True, boolean(), "Work that several runs need (each distinct vanilla model) "
+                     "done once per grid, in GRID/shared/; False: every run does all its own.")
+
+  def check(self, prefix: str) -> None:
+    if not isinstance(self.axes, str):
+      fail(f"{prefix}.axes", f"must be a string such as 'seed=0,1,2 poison.rate=0.05,0.1', got "
+           f"{self.axes!r}")
+
+
+def blocks() -> dict[str, tuple[type[settings.Settings], ...]]:
+  """Block path -> the settings classes declaring its fields ('' is the top level)."""
+  return {
+      "": (Run,),
+      "data": (data.sources.Settings,),
+      "trigger": attacks.owners(),
+      "poison": (poison.Settings,),
+      "model": (models.Settings,),
+      "train": (train.Settings,),
+      "reverse": (neural_cleanse.Settings, outliers.Settings, ReverseStage),
+      "prune": (pruning.Settings, defenses.Choice),
+      **{f"prune.{name}": (owner,) for name, owner in defenses.blocks().items() if name},
+      "sweep": (Sweep,),
+  }
+
+
+def rules() -> dict[str, settings.Rule]:
+  """Field path -> the rule its owner declares, for every field that has one."""
+  return {f"{path}.{name}" if path else name: rule for path, owners in blocks().items()
+          for owner in owners for name, rule in owner.rules().items()}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Full-size defaults: BackdoorBench's recipe on TFDS CIFAR-10 (see the module docstring)."""
+  config = ml_collections.ConfigDict()
+  for path, owners in blocks().items():
+    block = settings.block(*owners)
+    if not path:
+      config.update(block)
+      continue
+    parent, _, name = path.rpartition(".")
+    (config[parent] if parent else config)[name] = block
+  return config
+
+
+def make_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The laptop variant: small CNN on the shared subset, a few minutes on 2 cores."""
+  config.data.source = "cifar10_dir"
+  config.data.path = SHARED_SUBSET
+  config.model.name = "cnn"
+  config.model.width = 1.0
+  config.train.epochs = 10
+  config.train.learning_rate = 0.05
+  # Ours, from an independent reference recipe and measured over 5 seeds (docs/results.md,
+  # "Defaults we chose"): mirrored crop padding, Nesterov momentum, and a 2x2 max-pool
+  # before the global average.
+  config.train.padding_mode = "reflect"
+  config.train.nesterov = True
+  config.model.head_pool = "max2_avg"
+  # Ours: both models' reverse engineering in about a minute and a half each on 2 CPU cores
+  # (docs/results.md has the budget curve these come from).
+  config.reverse.steps = 16
+  config.reverse.mini_batches = 4
+  config.reverse.batch_size = 16
+  config.reverse.patience = 8
+  config.reverse.success_images = 128
+  config.reverse.early_stop_patience = 20
+  config.reverse.checkpoint_every = 4
+  # Ours: keeps the prune stage, fine-tuning included, near a minute on 2 CPU cores.
+  config.prune.fine_tune.epochs = 2
+  # Ours: ANP at a tenth of the authors' 2000 updates (still ~50 passes over S); only runs
+  # that list it in prune.defenses.
+  config.prune.anp.iterations = 200
+  return config
+
+
+def use_gtsrb(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """GTSRB as it ships (43 classes), resized to 32x32, no flips (a flip turns one sign into
+  another), S held out by track: ours, one 30-frame track per class (1,290 images).
+
+  The quick variant reads ../shared/data/gtsrb32, trains 3 epochs and runs every baseline
+  beside the default defenses; the full one trains BackdoorBench's 50 epochs on
+  `data.path`, which the user gives.
+  """
+  config.data.source = "gtsrb"
+  config.data.path = SHARED_GTSRB if variant == "quick" else ""
+  config.data.image_size = (32, 32)
+  config.data.clean_set_size = 1290
+  config.train.flip = False
+  config.train.epochs = 3 if variant == "quick" else 50
+  if variant == "quick":
+    config.prune.defenses = defenses.DEFAULT_SYNTHETIC + defenses.BASELINES
+  return config
+
+
+VARIANTS = {"": lambda config: config, "quick": make_quick}
+# Named trigger settings: what configs/cifar_<NAME>.py use and a grid axis `trigger=NAME` sets.
+TRIGGER_PRESETS = attacks.PRESETS
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Applies a config file's argument (`--config=FILE:quick`); an unknown one lists the known."""
+  if variant not in VARIANTS:
+    raise ConfigError(f"unknown config variant {variant!r}; known: "
+                      f"{', '.join(repr(v) for v in VARIANTS)}")
+  return VARIANTS[variant](config)
+
+
+def _node(config, path: str):
+  node = config
+  for part in filter(None, path.split(".")):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field that needs no data; raises ConfigError naming the field."""
+  for path, owners in blocks().items():
+    if path == "trigger":  # The attacks check their fields, which depend on the poison mode.
+      attacks.check(config.trigger, config.poison.mode)
+      continue
+    for owner in owners:
+      owner.check_block(_node(config, path), path)
+  model = models.Settings.from_config(config.model)
+  if config.prune.layer:
+    models.check_layers(model, "prune.layer", [config.prune.layer],
+                        empty="or empty for the default probe")
+  models.check_layers(model, "prune.layers.layers", config.prune.layers.layers,
+                      empty="or empty for all")
+  if "reverse" in config.stages and config.reverse.batch_size > config.data.clean_set_size:
+    fail("reverse.batch_size", f"{config.reverse.batch_size} is larger than the clean set S "
+         f"(data.clean_set_size {config.data.clean_set_size})")
+
+
+def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Sequence[int],
+                          num_classes: int, num_train: int) -> None:
+  """Checks the fields that depend on the dataset, before any model is built."""
+  height, width, _ = image_shape
+  if config.poison.target >= num_classes:
+    fail("poison.target", f"{config.poison.target} is not a class of this dataset (classes "
+         f"0..{num_classes - 1})")
+  attacks.check_data(config.trigger, image_shape)
+  if config.data.clean_set_size >= num_train:
+    fail("data.clean_set_size", f"{config.data.clean_set_size} leaves no training images out of "
+         f"{num_train}")
+  if config.train.batch_size > num_train - config.data.clean_set_size:
+    fail("train.batch_size", f"{config.train.batch_size} is larger than the "
+         f"{num_train - config.data.clean_set_size} training images")
+  if config.train.crop_padding >= min(height, width):
+    fail("train.crop_padding", f"{config.train.crop_padding} is not smaller than the image")
+
+
+__all__ = ["ConfigError", "ReverseStage", "Run", "SHARED_GTSRB", "SHARED_SUBSET", "STAGES",
+           "Sweep", "TRIGGER_PRESETS", "VARIANTS", "apply_variant", "base_config", "blocks", "rules",
+           "make_quick", "use_gtsrb", "validate", "validate_against_data"]
