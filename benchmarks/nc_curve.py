@@ -25,13 +25,13 @@ import os
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
-from linfjax.detection import outliers, neural_cleanse as reverse
+from linfjax import keys
+from linfjax.detection import neural_cleanse as reverse
+from linfjax.detection import outliers
 from linfjax.runs import pipeline
-from linfjax.runs.stages import reverse as reverse_stage
 from linfjax.runs.stages import train as train_stage
 
 
@@ -56,7 +56,7 @@ def curve(workdir: str, steps: int) -> list[dict]:
   ctx = pipeline.make_context(config, workdir, progress=False)
   settings = reverse.Settings.from_config(config.reverse)
   images, _ = ctx.clean_set
-  key = jax.random.fold_in(jax.random.key(config.seed), reverse_stage.KEY_SALT)
+  key = keys.run_key(config.seed, keys.REVERSE)
   rows = [dict(step=step) for step in range(1, steps + 1)]
   seconds = 0.0
   for kind in train_stage.MODEL_KINDS:

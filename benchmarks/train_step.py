@@ -7,7 +7,7 @@ Measures, in one run, on whatever JAX's default backend and PyTorch's device are
      0.01, momentum 0.9, weight decay 5e-4, crop+flip on tensors), fp32, batch 128;
   2. images/s of the small `cnn` trained for `--epoch_steps` steps as a Python loop over the
      jitted, donated step against the same steps inside one jitted `lax.scan`, and the
-     scan's compile time (on XLA:CPU the scan was 57x slower, ../shared/FINDINGS.md).
+     scan's compile time (on XLA:CPU the scan was 57x slower, docs/benchmarks.md).
 Compile time is excluded from every images/s figure. The output ends with one line per
 ratio, `ratio NAME VALUE target TARGET`.
 

@@ -57,7 +57,7 @@ def test_analysis_stage_results_files_resume_and_skip(cifar_dir, tmp_path, monke
   delta = float(row["delta"])
   assert delta == pytest.approx(float(row["triggered_mean"]) - float(row["clean_mean"]))
   assert delta == pytest.approx(report["shifts"]["backdoored"]["real"]["conv3_2"]["linf"][5])
-  # The summaries, recomputed with NumPy from the stage's own saved moments (METHOD.md).
+  # The summaries, recomputed with NumPy from the stage's own saved moments (docs/method.md).
   for kind in ("backdoored", "vanilla"):
     with np.load(os.path.join(stage_dir, f"{kind}.npz")) as saved:
       mean = saved["moments/conv3_2/mean"]

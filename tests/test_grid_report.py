@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from linfjax.reports import grid_report
+from linfjax.reports import grid_report, results
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["train", "reverse", "prune"]
@@ -158,12 +158,14 @@ def test_mean_ci_matches_hand_computed_values():
   assert grid_report.mean_ci([]) == {"n": 0, "mean": None, "sd": None, "ci95": None}
 
 
-def test_flatten_results_indexes_lists_keeps_nulls_and_drops_strings():
+def test_flatten_indexes_lists_keeps_nulls_and_drops_strings():
   tree = {"seed": 3, "reverse": {"flagged": None, "anomaly_index": [0.5, 3.0], "ok": True},
           "prune": {"real": {"skipped": "no"}}}
-  assert grid_report.flatten_results(tree) == {
+  assert results.flatten(tree) == {
       "seed": 3, "reverse.flagged": None, "reverse.anomaly_index.0": 0.5,
       "reverse.anomaly_index.1": 3.0}
+  # The summaries leave lists out.
+  assert results.flatten(tree, lists=False) == {"seed": 3, "reverse.flagged": None}
 
 
 def test_figures_are_written_per_pruning_method(grid):

@@ -112,7 +112,7 @@ def _batch_norm(x, params, stats):
 @pytest.mark.parametrize("block, projected", [("block1_1", False), ("block2_1", True)])
 def test_preact_block_output_is_the_residual_sum(block, projected):
   """The probed activation of a pre-activation block is `conv(relu(bn(conv(relu(bn(x)))))) +
-  shortcut`, with no ReLU after the add (METHOD.md, "Activation norms"), computed by hand."""
+  shortcut`, with no ReLU after the add (docs/method.md, "Activation norms"), computed by hand."""
   model = models.create("preact_resnet18", num_classes=10, width=0.0625,
                         probe_layers=(block,))
   variables = models.init(model, jax.random.key(0), (32, 32, 3))

@@ -1,6 +1,6 @@
 """Poisoning a training set: which examples, which labels, and where the trigger goes.
 
-METHOD.md: `round(rho * N)` training examples, drawn with the run's seed from
+docs/method.md: `round(rho * N)` training examples, drawn with the run's seed from
 examples whose label is not the target (all-to-one; any example for all-to-all),
 are replaced by `(T(x), y_t)`. Two attacks poison differently:
   - clean-label (SIG as published): the examples are drawn from the target class and

@@ -25,7 +25,7 @@ NORMS = ("linf", "l2", "l1")
 
 
 def sweep_order(inputs: Inputs, values: pruning.Settings, order: np.ndarray, desc: str) -> Curve:
-  """The levels of `values` along a pruning order, swept on S, with METHOD.md's r* chosen."""
+  """The levels of `values` along a pruning order, swept on S, with docs/method.md's r* chosen."""
   layer = inputs.layer
   counts = pruning.level_counts(tuple(values.levels), len(order), unit=values.level_unit)
   stack = pruning.masks(order, counts)

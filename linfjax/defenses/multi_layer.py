@@ -27,7 +27,7 @@ def relative_shifts(moments: norms.Moments, *, norm: str, condition: int = 0,
                     norm_names: Sequence[str] = norms.NORMS) -> np.ndarray:
   """`delta_k / mean_x ||A_k(x)||_p`: each neuron's shift in units of its own clean norm, which
   compares across layers (ours, for ranking several layers jointly). The denominator is
-  floored at `norms.REL_FLOOR` times the layer's mean clean norm, as for METHOD.md's `rel`.
+  floored at `norms.REL_FLOOR` times the layer's mean clean norm, as for docs/method.md's `rel`.
 
   Returns:
     [K] float64.

@@ -1,6 +1,6 @@
 """The lp-based pruning defense as a mask transform, swept over many levels in one call.
 
-METHOD.md ("The defense: lp-based neuron pruning"): the neurons of a layer `L` are
+docs/method.md ("The defense: lp-based neuron pruning"): the neurons of a layer `L` are
 scored on the defender's clean set S, by the trigger-induced shift
 `delta_k = mean ||A_k(T^(x))||_p - mean ||A_k(x)||_p` (`score="shift"`) or by the
 triggered norm itself (`score="triggered"`), under `p` in linf, l2, l1; ranked largest
@@ -54,7 +54,7 @@ DEFAULT_LEVELS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1
 
 @dataclasses.dataclass(frozen=True)
 class Settings(settings.Settings):
-  """The `prune` block's fields that every pruning defense shares (METHOD.md's r* rule)."""
+  """The `prune` block's fields that every pruning defense shares (docs/method.md's r* rule)."""
   layer: str = spec("", described("a layer name of the model; empty: the default probe"),
                     "Layer L; empty: the model's default probe (last conv map before pooling).")
   score: str = spec("shift", choice(*SCORES),
@@ -244,7 +244,7 @@ def sweep(apply_fn: Callable, variables, images: np.ndarray, labels: np.ndarray,
           trigger: attacks.Trigger, mask_stacks: Mapping[str, ArrayLike], *, start: str,
           target: int, mode: str, num_classes: int, batch_size: int, mask_batch: int = 8,
           on_batch: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
-  """CA, ASR and RA (METHOD.md's "Metrics") of the model under every mask, over a split.
+  """CA, ASR and RA (docs/method.md's "Metrics") of the model under every mask, over a split.
 
   Each batch (padded to `batch_size`, so one compiled function serves the split) runs
   the layers up to `start` once, clean and triggered together, and the rest per mask.

@@ -1,6 +1,6 @@
 """Grad-CAM at any layer, and how much of its attention falls on a trigger.
 
-METHOD.md ("Grad-CAM"): for class `c` and layer `L` with activation `A`
+docs/method.md ("Grad-CAM"): for class `c` and layer `L` with activation `A`
 `[H', W', K]`, `alpha_k = mean_{h,w} d logit_c / d A_k` and
 `map = ReLU(sum_k alpha_k A_k)`, resized to the input (bilinear) and scaled to
 [0, 1] per image. The model's `stop=`/`start=` split gives `A` and the head

@@ -9,18 +9,18 @@ learning rate means the same here) minimise, on the defender's clean set S,
 and the stamped image is `attacks.apply(Trigger(m_c[..., None], p_c), x)`, so a
 recovered trigger is an ordinary mask-and-pattern `Trigger`. All classes are solved
 at once: `jax.vmap` over the per-class state with the model's weights and the batch
-shared, which keeps the convolutions dense (the vmap that pays, ../shared/FINDINGS.md).
+shared, which keeps the convolutions dense (the vmap that pays, docs/benchmarks.md).
 
 A *step* (NC's term) is `mini_batches` Adam updates followed by the adaptive-cost
-bookkeeping of `linfjax.detection.nc_schedule`, per class inside the one vmapped solve. The step's
-attack success is either the mean over its mini-batches (NC, `success_images=0`) or, ours,
-a forward-only pass of the current trigger over a fixed set of `success_images` images of
-S: judged on a few dozen training images, a 99 % threshold fails a step for one or two
-images and divides the cost by 2.8 (../shared/FINDINGS.md). Patiences are given in Adam
-updates and counted in steps, so a schedule means the same whatever the step size.
+bookkeeping of `linfjax.detection.nc_schedule`, per class inside the one vmapped solve. The
+step's attack success is either the mean over its mini-batches (NC, `success_images=0`) or,
+ours, a forward-only pass of the current trigger over a fixed set of `success_images` images
+of S: judged on a few dozen training images, a 99 % threshold fails a step for one or two
+images and divides the cost by 2.8 (the multiplier 2 to the power 1.5). Patiences are given
+in Adam updates and counted in steps, so a schedule means the same whatever the step size.
 
-The steps are a Python loop over one jitted update (on XLA:CPU a `lax.scan` over
-gradient steps through convolutions is many times slower, FINDINGS.md), so a caller can
+The steps are a Python loop over one jitted update (on XLA:CPU a `lax.scan` over gradient
+steps through convolutions is many times slower, docs/benchmarks.md), so a caller can
 checkpoint after any step; batches are drawn from `fold_in(key, epoch)` shuffles of S,
 so a run resumed at a step repeats the same batches. Which class is an outlier is
 `linfjax.detection.outliers`' business.

@@ -1,6 +1,6 @@
 """l1, l2 and linf of every neuron's activation map, streamed over a dataset, and shifts.
 
-METHOD.md ("Activation norms"): neuron `k` of a layer with output `A` of shape
+docs/method.md ("Activation norms"): neuron `k` of a layer with output `A` of shape
 `[H', W', K]` has the map `A_k`; its norms are `l1 = sum |A_k|`,
 `l2 = sqrt(sum A_k^2)` and `linf = max |A_k|`. All three, for every probe layer,
 come from one forward pass over a batch that stacks the clean images and their
@@ -11,7 +11,7 @@ size and masked, so one compiled function serves the whole dataset.
 
 The trigger-induced shift of neuron `k` under norm `p` is
 `delta_k = mean ||A_k(T(x))||_p - mean ||A_k(x)||_p`; `summarize` reduces a
-layer's shifts to METHOD.md's `z`, `top1_share` and `rel`.
+layer's shifts to docs/method.md's `z`, `top1_share` and `rel`.
 
 References:
   Chan, Golub and LeVeque, "Updating Formulae and a Pairwise Algorithm for
@@ -164,7 +164,7 @@ def shifts(moments: Moments) -> np.ndarray:
 
 
 def summarize(delta: jax.Array, clean_mean: jax.Array) -> dict[str, jax.Array]:
-  """METHOD.md's summary of one layer's shifts under one norm.
+  """docs/method.md's summary of one layer's shifts under one norm.
 
   Args:
     delta: [K] per-neuron shifts `delta_k`.

@@ -1,7 +1,7 @@
 """Which class's reverse-engineered trigger is an outlier: the anomaly index and the suspect.
 
 Neural Cleanse's anomaly index of class `c` is `|n_c - median(n)| / (1.4826 * MAD(n))` over
-the classes' mask norms `n` (METHOD.md, "Synthetic trigger"); only classes below the median
+the classes' mask norms `n` (docs/method.md, "Synthetic trigger"); only classes below the median
 can be flagged, and the flagged target is the one of smallest norm among those whose index
 exceeds the threshold (2). Choices here that are ours:
   - a class whose reverse engineering never reached the attack-success threshold has no

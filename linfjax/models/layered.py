@@ -16,7 +16,7 @@ once and the head runs for many masks:
 With `start=L`, `masks[L]` (if given) multiplies the incoming activation.
 
 Normalisation (per-channel mean and std) is the model's input layer, so inputs
-are images in [0, 1] and triggers act in pixel space (METHOD.md).
+are images in [0, 1] and triggers act in pixel space (docs/method.md).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class LayeredClassifier(nn.Module):
 
   @property
   def default_probe(self) -> str:
-    """The last conv feature map before pooling (METHOD.md's default layer L)."""
+    """The last conv feature map before pooling (docs/method.md's default layer L)."""
     return self.layer_plan()[-1][0]
 
   def __call__(self, x: jax.Array, masks: Masks | None = None, *, train: bool = False,

@@ -26,10 +26,8 @@ column some runs lack (an older run's skipped `prune.synthetic`) says so by its 
 
 from __future__ import annotations
 
-import base64
 import csv
 import dataclasses
-import html
 import io
 import json
 import math
@@ -44,7 +42,8 @@ import scipy.stats
 from absl import app, logging
 
 from linfjax import errors, files
-from linfjax.reports import figures, report, summarize
+from linfjax.reports import figures, html, report, summarize
+from linfjax.reports import results as results_lib
 
 GRID_FILE = "grid.json"
 ERROR_FILE = "error.json"
@@ -58,7 +57,6 @@ STATS = ("n", "mean", "sd", "ci95")
 TRAIN_HEADLINES = tuple(f"train.{m}.{k}" for m in ("backdoored", "vanilla") for k in ("CA", "ASR"))
 PRUNE_SOURCES = ("synthetic", "real")
 PRUNE_HEADLINES = ("CA", "ASR_real", "DER", "r_star")
-LEFT = ' class="text"'
 
 
 class GridReportError(errors.UserError, ValueError):
@@ -127,22 +125,6 @@ def read_grid(grid_dir: str) -> tuple[list[tuple[str, list]], list[tuple[str, di
   return axes, runs
 
 
-def flatten_results(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """Numbers and nulls of nested dicts and lists under dotted paths, list items by index.
-
-  `{"reverse": {"flagged": None, "anomaly_index": [0.5, 3.1], "note": "x"}}` gives
-  `{"reverse.flagged": None, "reverse.anomaly_index.0": 0.5, "reverse.anomaly_index.1": 3.1}`.
-  """
-  if tree is None or (isinstance(tree, (int, float)) and not isinstance(tree, bool)):
-    return {prefix[:-1]: tree}
-  items = (tree.items() if isinstance(tree, dict) else
-           enumerate(tree) if isinstance(tree, list) else ())
-  leaves = {}
-  for key, value in items:
-    leaves.update(flatten_results(value, f"{prefix}{key}."))
-  return leaves
-
-
 def _read_object(path: str) -> dict | None:
   """The JSON object in `path`, None if absent; ValueError saying what is wrong otherwise."""
   if not os.path.exists(path):
@@ -168,7 +150,7 @@ def read_run(grid_dir: str, name: str, values: dict[str, Any]) -> Run:
       contents[file] = None
       problems.append(str(e))
   config, results, error = (contents[f] for f in ("config.json", "results.json", ERROR_FILE))
-  numbers = flatten_results(results) if results else {}
+  numbers = results_lib.flatten(results) if results else {}
   if error is not None:
     return Run(name, values, "failed", numbers, str(error.get("error", "")),
                str(error.get("message", "")), str(error.get("traceback", "")))
@@ -280,19 +262,6 @@ def _write_figures(grid_dir: str, axes: Sequence[tuple[str, list]],
   return paths, "" if paths else "No finished run has CA/ASR numbers yet: no line plots."
 
 
-def _esc(value: Any) -> str:
-  return html.escape(str(value))
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
-  """An HTML table of already escaped cells; the first `text_columns` are left-aligned."""
-  def cells(tag, row):
-    return "".join(f"<{tag}{LEFT if i < text_columns else ''}>{v}</{tag}>"
-                   for i, v in enumerate(row))
-  return ("<table><tr>" + cells("th", [_esc(h) for h in header]) + "</tr>"
-          + "".join(f"<tr>{cells('td', row)}</tr>" for row in rows) + "</table>")
-
-
 def _mean_ci_text(stats: dict[str, Any]) -> str:
   spread = "" if stats.get("ci95") is None else f" ± {stats['ci95']:.2f}"
   return f"{stats['mean']:.2f}{spread} ({stats['n']})" if stats.get("n") else "-"
@@ -301,29 +270,24 @@ def _mean_ci_text(stats: dict[str, Any]) -> str:
 def _aggregate_tables(aggregates: Sequence[Aggregate], fields: Sequence[str],
                       columns: Sequence[str]) -> str:
   """Headline metrics as "mean ± CI (n)": training, then each pruning source by method."""
-  labels = [[_esc(_cell(row.values[f])) for f in fields] + [f"{row.finished}/{row.runs}"]
+  labels = [[html.escape(_cell(row.values[f])) for f in fields] + [f"{row.finished}/{row.runs}"]
             for row in aggregates]
   train = [c for c in TRAIN_HEADLINES if c in columns]
   parts = ["<h3>Before pruning</h3>",
-           _table([*fields, "finished/runs", *train],
-                  [label + [_mean_ci_text(row.stats[c]) for c in train]
-                   for label, row in zip(labels, aggregates)], len(fields) + 1)]
+           html.table([*fields, "finished/runs", *train],
+                      [label + [_mean_ci_text(row.stats[c]) for c in train]
+                       for label, row in zip(labels, aggregates)],
+                      text_columns=len(fields) + 1, escaped=True)]
   for source in PRUNE_SOURCES:
-    rows = [label + [_esc(m)] + [_mean_ci_text(row.stats.get(f"prune.{source}.{m}.{k}", {}))
-                                 for k in PRUNE_HEADLINES]
+    rows = [label + [html.escape(m)] + [_mean_ci_text(row.stats.get(f"prune.{source}.{m}.{k}",
+                                                                    {}))
+                                        for k in PRUNE_HEADLINES]
             for label, row in zip(labels, aggregates) for m in _methods(columns, source)]
     if rows:
-      parts += [f"<h3>After pruning, {_esc(source)} trigger</h3>",
-                _table([*fields, "finished/runs", "method", *PRUNE_HEADLINES], rows,
-                       len(fields) + 2)]
+      parts += [f"<h3>After pruning, {html.escape(source)} trigger</h3>",
+                html.table([*fields, "finished/runs", "method", *PRUNE_HEADLINES], rows,
+                           text_columns=len(fields) + 2, escaped=True)]
   return "".join(parts)
-
-
-def _image(path: str, caption: str) -> str:
-  with open(path, "rb") as f:
-    data = base64.b64encode(f.read()).decode("ascii")
-  return (f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(caption)}">'
-          f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
 
 def render(grid_dir: str, axes: Sequence[tuple[str, list]], runs: Sequence[Run],
@@ -333,37 +297,40 @@ def render(grid_dir: str, axes: Sequence[tuple[str, list]], runs: Sequence[Run],
   fields = [field for field, _ in axes]
   grouped = [field for field in fields if field != SEED_AXIS]
   failed = [run for run in runs if run.status == "failed"]
+  axis_text = "; ".join(f"{html.escape(f)} ({html.escape(', '.join(map(_cell, values)))})"
+                        for f, values in axes)
   parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>linfjax grid '
-           f"{_esc(os.path.basename(os.path.abspath(grid_dir)))}</title>"
-           f"<style>{report.STYLE}</style></head><body><h1>linfjax grid report</h1>",
-           f"<p>grid directory <code>{_esc(os.path.abspath(grid_dir))}</code>; axes: " + "; ".join(
-               f"{_esc(f)} ({_esc(', '.join(map(_cell, values)))})" for f, values in axes) + "</p>",
-           "<h2>Status</h2>",
-           _table(["status", "runs"], [[s, str(sum(r.status == s for r in runs))]
-                                       for s in STATUSES], 1),
+           f"{html.escape(os.path.basename(os.path.abspath(grid_dir)))}</title>"
+           f"<style>{html.STYLE}</style></head><body><h1>linfjax grid report</h1>",
+           f"<p>grid directory <code>{html.escape(os.path.abspath(grid_dir))}</code>; axes: "
+           f"{axis_text}</p>", "<h2>Status</h2>",
+           html.table(["status", "runs"], [[s, str(sum(r.status == s for r in runs))]
+                                           for s in STATUSES], text_columns=1, escaped=True),
            "<h2>Failed runs</h2>"]
-  parts.append(_table(["run", "error", "message"], [
-      [_esc(r.name), _esc(r.error), _esc(r.message) + (
-          f"<details><summary>traceback</summary><pre>{_esc(r.traceback)}</pre></details>"
-          if r.traceback else "")] for r in failed], 3) if failed else "<p>none</p>")
+  parts.append(html.table(["run", "error", "message"], [
+      [html.escape(r.name), html.escape(r.error), html.escape(r.message) + (
+          f"<details><summary>traceback</summary><pre>{html.escape(r.traceback)}</pre></details>"
+          if r.traceback else "")] for r in failed], text_columns=3, escaped=True)
+               if failed else "<p>none</p>")
   parts += ["<h2>Aggregates over finished runs</h2>",
             f"<p>mean ± 95 % CI half-width (n: the finished runs that have the number; "
             f"fewer than finished where some runs lack it), grouped by "
-            f"{_esc(', '.join(grouped) or 'nothing (one group)')}; every number's n, mean, sd "
+            f"{html.escape(', '.join(grouped) or 'nothing (one group)')}; every number's n, mean, sd "
             f"and CI are in <code>{AGGREGATES_CSV}</code>, every run's in "
             f"<code>{GRID_CSV}</code>.</p>",
             _aggregate_tables(aggregates, grouped, columns), "<h2>Figures</h2>"]
-  parts += [_image(path, os.path.relpath(path, grid_dir)) for path in pngs]
-  parts.append(f'<p class="note">{_esc(figure_note)}</p>' if figure_note else "")
+  parts += [html.image(path, os.path.relpath(path, grid_dir)) for path in pngs]
+  parts.append(f'<p class="note">{html.escape(figure_note)}</p>' if figure_note else "")
   links = []
   for run in runs:
     target = f"runs/{run.name}/{report.REPORT_FILE}"
-    link = (f'<a href="{_esc(urllib.parse.quote(target, safe="/=,"))}">report</a>'
+    link = (f'<a href="{html.escape(urllib.parse.quote(target, safe="/=,"))}">report</a>'
             if os.path.exists(os.path.join(grid_dir, target)) else "no report yet")
-    links.append([_esc(run.name), run.status, *(_esc(_cell(run.values[f])) for f in fields),
-                  link])
-  parts += ["<h2>Runs</h2>", _table(["run", "status", *fields, "report"], links,
-                                    len(fields) + 3), "</body></html>"]
+    links.append([html.escape(run.name), run.status,
+                  *(html.escape(_cell(run.values[f])) for f in fields), link])
+  parts += ["<h2>Runs</h2>", html.table(["run", "status", *fields, "report"], links,
+                                        text_columns=len(fields) + 3, escaped=True),
+            "</body></html>"]
   return "\n".join(parts)
 
 

@@ -1,6 +1,6 @@
 """The run report: one self-contained HTML file that tells a person what a run did.
 
-`write_report(workdir)` reads the run's `config.json` and `results.json` (METHOD.md's
+`write_report(workdir)` reads the run's `config.json` and `results.json` (docs/method.md's
 results contract) and writes `WORKDIR/report.html`: the config, CA/ASR/RA before and
 after the defenses, the activation-norm table, Grad-CAM attention, the reverse
 engineering outcome, the pruning results at r*, and every PNG of the run embedded as a
@@ -11,82 +11,24 @@ of stages.
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import os
-from typing import Any, Iterable, Sequence
 
 from linfjax import defenses
 from linfjax.detection import outliers
+from linfjax.reports import html
 
 REPORT_FILE = "report.html"
 STAGE_SECTIONS = (("train", "Training"), ("reverse", "Reverse engineering (Neural Cleanse)"),
                   ("analysis", "Activation norms and Grad-CAM"),
                   ("prune", "Defenses: lp-based pruning and Fine-Pruning"))
-STYLE = """
-body { font-family: sans-serif; margin: 2em; max-width: 80em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
-th { background: #eee; } td.text, th.text { text-align: left; }
-figure { margin: 1em 0; } figcaption { color: #555; font-size: small; }
-img { max-width: 100%; } .note { color: #a33; } pre { background: #f6f6f6; padding: 1em; }
-"""
-
-
-def _escape(value: Any) -> str:
-  return html.escape(str(value))
-
-
-def _number(value: Any, digits: int = 2) -> str:
-  if isinstance(value, bool) or value is None:
-    return _escape("-" if value is None else value)
-  if isinstance(value, int):
-    return str(value)
-  if isinstance(value, float):
-    return f"{value:.{digits}f}"
-  return _escape(value)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, text_columns: int = 1,
-           digits: int = 2) -> str:
-  """An HTML table; the first `text_columns` columns are left-aligned labels."""
-  def cell(tag, i, value):
-    css = ' class="text"' if i < text_columns else ""
-    return f"<{tag}{css}>{value}</{tag}>"
-  head = "".join(cell("th", i, _escape(h)) for i, h in enumerate(header))
-  body = "".join("<tr>" + "".join(cell("td", i, _escape(v) if i < text_columns else
-                                       _number(v, digits)) for i, v in enumerate(row))
-                 + "</tr>" for row in rows)
-  return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _note(text: str) -> str:
-  return f'<p class="note">{_escape(text)}</p>'
-
-
-def _image(path: str, caption: str) -> str:
-  with open(path, "rb") as f:
-    data = base64.b64encode(f.read()).decode("ascii")
-  return (f'<figure><img src="data:image/png;base64,{data}" alt="{_escape(caption)}">'
-          f"<figcaption>{_escape(caption)}</figcaption></figure>")
-
-
-def _pngs(directory: str) -> list[str]:
-  """Every PNG under `directory`, sorted."""
-  found = []
-  for root, _, files in os.walk(directory):
-    found += [os.path.join(root, name) for name in files if name.lower().endswith(".png")]
-  return sorted(found)
-
-
 def _train_section(entry: dict, config: dict, results: dict) -> str:
   del config, results
   rows = [(kind, *(entry[kind].get(key) for key in ("CA", "ASR", "RA")))
           for kind in ("backdoored", "vanilla") if kind in entry]
   counts = f"poisoned training images: {entry.get('poisoned', '-')}, clean set S: " \
            f"{entry.get('clean_set', '-')} images"
-  return _table(["model", "CA", "ASR", "RA"], rows) + f"<p>{_escape(counts)}</p>"
+  return html.table(["model", "CA", "ASR", "RA"], rows) + f"<p>{html.escape(counts)}</p>"
 
 
 def _verdict(values: dict) -> str:
@@ -106,9 +48,9 @@ def _reverse_section(entry: dict, config: dict, results: dict) -> str:
   threshold = outliers.threshold(statistic, reverse.get("anomaly_threshold", 0.0)) if known \
       else "-"
   meaning = f" ({known.description})" if known else ""
-  parts = [f"<p>Backdoored model: <b>{_escape(_verdict(entry))}</b>. A class is flagged when "
-           f"its <code>{_escape(statistic)}</code> index{_escape(meaning)} exceeds "
-           f"{_escape(threshold)} with its mask norm below the median; whether or not one is, "
+  parts = [f"<p>Backdoored model: <b>{html.escape(_verdict(entry))}</b>. A class is flagged when "
+           f"its <code>{html.escape(statistic)}</code> index{html.escape(meaning)} exceeds "
+           f"{html.escape(threshold)} with its mask norm below the median; whether or not one is, "
            "the defense uses the most suspicious class's trigger (the smallest mask that "
            "reached the attack-success threshold).</p>"]
   if "recovery" in entry:
@@ -120,7 +62,7 @@ def _reverse_section(entry: dict, config: dict, results: dict) -> str:
                  "Share: the mask's mass inside the region; IoU: the overlap of its "
                  f"{recovered['region_pixels']} largest pixels with the region. A share near 0 "
                  "means the synthetic trigger is not the real one, though it flips the "
-                 "model.</p>" + _table(["class", "index", "share in region", "IoU"], rows))
+                 "model.</p>" + html.table(["class", "index", "share in region", "IoU"], rows))
   models = {"backdoored": entry, **({"vanilla": entry["vanilla"]} if "vanilla" in entry else {})}
   for kind, values in models.items():
     norms = values.get("mask_l1", [])
@@ -130,8 +72,8 @@ def _reverse_section(entry: dict, config: dict, results: dict) -> str:
     succeeded = values.get("succeeded", [True] * len(norms))
     rows = [(str(c), norms[c], *(column[c] if c < len(column) else None for _, column in columns),
              "yes" if succeeded[c] else "no") for c in range(len(norms))]
-    parts.append(f"<h3>{_escape(kind)} model: {_escape(_verdict(values))}</h3>"
-                 + _table(["class", "mask l1", *(name for name, _ in columns),
+    parts.append(f"<h3>{html.escape(kind)} model: {html.escape(_verdict(values))}</h3>"
+                 + html.table(["class", "mask l1", *(name for name, _ in columns),
                            "reached the threshold"], rows))
   return "".join(parts)
 
@@ -145,8 +87,8 @@ def _analysis_section(entry: dict, config: dict, results: dict) -> str:
         rows.append((kind, layer, norm, summary.get("z"), summary.get("top1_share"),
                      summary.get("rel")))
   parts = ["<h3>Trigger-induced norm shifts (real trigger)</h3>",
-           _table(["model", "layer", "norm", "z", "top1_share", "rel"], rows, text_columns=3,
-                  digits=3) if rows else _note("no norm summaries")]
+           html.table(["model", "layer", "norm", "z", "top1_share", "rel"], rows, text_columns=3,
+                  digits=3) if rows else html.note("no norm summaries")]
   attention = entry.get("attention", {})
   if attention:
     conditions = []
@@ -154,23 +96,23 @@ def _analysis_section(entry: dict, config: dict, results: dict) -> str:
       conditions += [c for c in values if c not in conditions]
     rows = [(kind, *(values.get(c) for c in conditions)) for kind, values in attention.items()]
     parts += ["<h3>Grad-CAM trigger attention</h3>",
-              _table(["model", *conditions], rows, digits=3)]
+              html.table(["model", *conditions], rows, digits=3)]
   return "".join(parts)
 
 
 def _prune_section(entry: dict, config: dict, results: dict) -> str:
   settings = config.get("prune", {})
   parts = [f"<p>r*: the smallest pruning level whose defender-side ASR on S is at most "
-           f"{_escape(settings.get('tau', '-'))} % with a clean-accuracy drop on S of at most "
-           f"{_escape(settings.get('delta', '-'))} points (else the lowest ASR within the "
+           f"{html.escape(settings.get('tau', '-'))} % with a clean-accuracy drop on S of at most "
+           f"{html.escape(settings.get('delta', '-'))} points (else the lowest ASR within the "
            f"drop), chosen on S only; r* counts pruned neurons (of layer "
-           f"{_escape(settings.get('layer') or 'L, the last conv map before pooling')}, or of "
+           f"{html.escape(settings.get('layer') or 'L, the last conv map before pooling')}, or of "
            "all pruned layers). Fine-Pruning's level is its own: "
-           f"{_escape(settings.get('fine_pruning', {}).get('level', '-'))}. The curves show the "
+           f"{html.escape(settings.get('fine_pruning', {}).get('level', '-'))}. The curves show the "
            "sweeps before fine-tuning.</p><ul>"]
   shown = dict.fromkeys(name for source in ("synthetic", "real")
                         for name in entry.get(source, {}) if name != "skipped")
-  parts += [f"<li><b>{_escape(name)}</b>: {_escape(defenses.DEFENSES[name].description)}</li>"
+  parts += [f"<li><b>{html.escape(name)}</b>: {html.escape(defenses.DEFENSES[name].description)}</li>"
             for name in shown if name in defenses.DEFENSES]
   parts.append("</ul>")
   keys = ("r_star", "CA", "ASR_real", "ASR_defender", "dCA", "dASR", "DER")
@@ -178,20 +120,20 @@ def _prune_section(entry: dict, config: dict, results: dict) -> str:
     values = entry.get(source)
     heading = {"synthetic": "synthetic trigger (the realistic setting)",
                "real": "real trigger (analysis only)"}[source]
-    parts.append(f"<h3>{_escape(heading)}</h3>")
+    parts.append(f"<h3>{html.escape(heading)}</h3>")
     if source == "synthetic" and "reverse" in results:
       reverse = results["reverse"]
-      parts.append(f"<p>The defender's trigger is class {_escape(reverse.get('suspect'))}'s: "
+      parts.append(f"<p>The defender's trigger is class {html.escape(reverse.get('suspect'))}'s: "
                    + ("flagged by Neural Cleanse." if reverse.get("flagged") is not None else
                       "<b>not flagged</b> by Neural Cleanse; the most suspicious class's "
                       "trigger is used all the same.") + "</p>")
     if values is None:
-      parts.append(_note("not run"))
+      parts.append(html.note("not run"))
     elif "skipped" in values:
-      parts.append(_note(f"skipped: {values['skipped']}"))
+      parts.append(html.note(f"skipped: {values['skipped']}"))
     else:
       rows = [(method, *(numbers.get(k) for k in keys)) for method, numbers in values.items()]
-      parts.append(_table(["method", *keys], rows))
+      parts.append(html.table(["method", *keys], rows))
   return "".join(parts)
 
 
@@ -213,13 +155,13 @@ def _summary_rows(results: dict) -> list[tuple]:
 
 def _summary(results: dict) -> str:
   if "backdoored" not in results.get("train", {}):
-    return _note("no trained model: the train stage has not finished")
-  return _table(SUMMARY_HEADER, _summary_rows(results))
+    return html.note("no trained model: the train stage has not finished")
+  return html.table(SUMMARY_HEADER, _summary_rows(results))
 
 
 def summary_text(workdir: str, results: dict) -> str:
   """What a finished run prints: the verdict, the summary table, and where the files are."""
-  rows = [tuple(_number(v) if not isinstance(v, str) else v for v in row)
+  rows = [tuple(html.number(v) if not isinstance(v, str) else v for v in row)
           for row in _summary_rows(results)]
   widths = [max(len(str(row[i])) for row in [SUMMARY_HEADER, *rows])
             for i in range(len(SUMMARY_HEADER))]
@@ -242,27 +184,27 @@ SECTION_BUILDERS = {"train": _train_section, "reverse": _reverse_section,
 def render(workdir: str, config: dict, results: dict) -> str:
   """The report's HTML for a run directory, its config and its results."""
   parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>linfjax run "
-           f"{_escape(os.path.basename(os.path.abspath(workdir)))}</title>"
-           f"<style>{STYLE}</style></head><body>",
+           f"{html.escape(os.path.basename(os.path.abspath(workdir)))}</title>"
+           f"<style>{html.STYLE}</style></head><body>",
            f"<h1>linfjax run report</h1><p>work directory: <code>"
-           f"{_escape(os.path.abspath(workdir))}</code>, seed {_escape(results.get('seed', '-'))}"
+           f"{html.escape(os.path.abspath(workdir))}</code>, seed {html.escape(results.get('seed', '-'))}"
            "</p>", "<h2>Summary: before and after the defenses (test split, %)</h2>",
            _summary(results)]
   shown = set()
   for stage, title in STAGE_SECTIONS:
-    parts.append(f"<h2>{_escape(title)}</h2>")
+    parts.append(f"<h2>{html.escape(title)}</h2>")
     if stage in results:
       parts.append(SECTION_BUILDERS[stage](results[stage], config, results))
     else:
-      parts.append(_note(f"the {stage} stage has not run (or not finished)"))
-    for path in _pngs(os.path.join(workdir, stage)):
-      parts.append(_image(path, os.path.relpath(path, workdir)))
+      parts.append(html.note(f"the {stage} stage has not run (or not finished)"))
+    for path in html.pngs(os.path.join(workdir, stage)):
+      parts.append(html.image(path, os.path.relpath(path, workdir)))
       shown.add(path)
-  others = [path for path in _pngs(workdir) if path not in shown]
+  others = [path for path in html.pngs(workdir) if path not in shown]
   if others:
     parts.append("<h2>Other figures</h2>")
-    parts += [_image(path, os.path.relpath(path, workdir)) for path in others]
-  parts += ["<h2>Config</h2><pre>", _escape(json.dumps(config, indent=1)), "</pre>",
+    parts += [html.image(path, os.path.relpath(path, workdir)) for path in others]
+  parts += ["<h2>Config</h2><pre>", html.escape(json.dumps(config, indent=1)), "</pre>",
             "</body></html>"]
   return "\n".join(parts)
 

@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Iterable
 
+from linfjax.reports import results as results_lib
+
 # Leaves named so are labels (a seed, a class index), not quantities: counted, never averaged.
 CATEGORICAL = ("seed", "flagged", "suspect", "target", "class")
 # The paper's comparison: linf against each other norm, run by run.
@@ -29,15 +31,9 @@ PAIRED_METHODS = (("linf", "l2"), ("linf", "l1"))
 PAIRED_KEYS = {"ASR_real": -1, "CA": 1, "DER": 1}
 
 
-def flatten(tree, prefix: str = "") -> dict[str, float | None]:
+def flatten(tree) -> dict[str, float | None]:
   """Numeric and null leaves of nested dicts as {'a.b.c': value}; lists and strings skipped."""
-  leaves = {}
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      leaves.update(flatten(value, f"{prefix}{key}."))
-  elif tree is None or (isinstance(tree, (int, float)) and not isinstance(tree, bool)):
-    leaves[prefix[:-1]] = None if tree is None else float(tree)
-  return leaves
+  return results_lib.flatten(tree, lists=False)
 
 
 def is_categorical(path: str) -> bool:

@@ -2,7 +2,7 @@
 
 The work directory holds:
   config.json    the resolved config; a rerun with a different config is refused;
-  results.json   METHOD.md's results contract; each finished stage adds its key;
+  results.json   docs/method.md's results contract; each finished stage adds its key;
   <stage>/       each stage's files and orbax checkpoints (so a killed run resumes);
   report.html    the run report (linfjax/reports/report.py), rewritten at the end of every run.
 """

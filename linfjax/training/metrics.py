@@ -1,6 +1,6 @@
 """CA, ASR and RA in one pass over a test split, and the defense effectiveness rating.
 
-Percentages in [0, 100], as METHOD.md's "Metrics" defines them:
+Percentages in [0, 100], as docs/method.md's "Metrics" defines them:
   CA:  accuracy on the clean test images;
   ASR: among test images the attack can flip (label != target for all-to-one; all
        images for all-to-all), the share classified as the attack's label after T;

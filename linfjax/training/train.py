@@ -4,7 +4,7 @@ The training set is uint8 on the device; each step gathers its batch by index,
 augments it (random crop with padding, horizontal flip), stamps the trigger on
 the examples flagged for it, and updates. An epoch is a Python loop over that one
 compiled step: on XLA:CPU a `lax.scan` over training steps ran 57x slower
-(../shared/FINDINGS.md), and on GPU it gained nothing, so the loop is the fast
+(docs/benchmarks.md), and on GPU it gained nothing, so the loop is the fast
 choice on both. Values that vary between runs (data, trigger, seed) are arrays,
 so a second run of the same shapes reuses the compiled step.
 """

@@ -17,7 +17,7 @@ Writes under `WORKDIR/analysis/`:
   analysis.json    summaries for every trigger, attention, and per-neuron shifts;
   shifts.csv       one row per (model, trigger, layer, norm, neuron);
   *.png            shift histograms, top-shifted neurons' maps, Grad-CAM panels.
-Returns the `analysis` entry of results.json (METHOD.md, "Results file"): the summaries
+Returns the `analysis` entry of results.json (docs/method.md, "Results file"): the summaries
 under the real trigger and the attention.
 """
 

@@ -17,7 +17,7 @@ Writes under `WORKDIR/prune/`:
                            reuses every defense whose inputs match;
   sweep_<source>.csv       one row per (defense, level) of the sweeping defenses, r* marked;
   curves_<source>.png, curves_<source>_layers.png  CA and ASR against the pruning level.
-Returns results.json's `prune` entry (METHOD.md, "Results file"): per source, per defense,
+Returns results.json's `prune` entry (docs/method.md, "Results file"): per source, per defense,
 `r_star` (neurons pruned), CA, ASR_real, ASR_defender, dCA, dASR and DER, relative to the
 backdoored model before the defense on the test split.
 """
@@ -206,7 +206,7 @@ def _read(path: str) -> dict | None:
 
 def defense_entry(*, r_star: int, ca: float, asr_real: float, asr_defender: float,
                   ca_before: float, asr_before: float) -> dict[str, float]:
-  """results.json's entry for one defense (METHOD.md, "Metrics" and "Results file").
+  """results.json's entry for one defense (docs/method.md, "Metrics" and "Results file").
 
   `dCA`, `dASR` and `DER` compare with the backdoored model before the defense, all on
   the test split.

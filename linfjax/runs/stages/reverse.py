@@ -20,7 +20,7 @@ In a grid (`ctx.shared` set), the vanilla model's solve is a shared piece
 into the grid's `shared/vanilla_reverse/<key>/` (its checkpoints and `outcome.npz`), and every
 run reads that outcome and writes its own `vanilla/triggers.npz` and figure from it, so its
 directory stays a complete single run and its detection uses its own statistic.
-Returns results.json's `reverse` entry (METHOD.md, "Results file"): `flagged` (null when no
+Returns results.json's `reverse` entry (docs/method.md, "Results file"): `flagged` (null when no
 class is flagged), `suspect`, NC's `anomaly_index`, the index under every other statistic
 (`<statistic>_index`), `mask_l1` and `succeeded` of the backdoored model, and the same
 under `vanilla`. An index is null where it is undefined (a class that never succeeded).
@@ -45,7 +45,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from linfjax.runs import checkpoints
-from linfjax import files
+from linfjax import files, keys
 from linfjax.detection import outliers, recovery, neural_cleanse as reverse
 from linfjax import attacks
 from linfjax.runs.stages import train as train_stage
@@ -54,8 +54,6 @@ from linfjax.runs.stages.context import RunContext
 STAGE = "reverse"
 MODEL_KINDS = train_stage.MODEL_KINDS
 SYNTHETIC_TRIGGER_FILE = "synthetic_trigger.npz"
-# Salt of the solve's key (train uses 0 and 1); both models share it.
-KEY_SALT = 2
 VANILLA_PIECE = "vanilla_reverse"
 OUTCOME_FILE = "outcome.npz"
 
@@ -133,7 +131,7 @@ def _solve(ctx: RunContext, kind: str, log: dict, *,
   model, variables = train_stage.load_trained(ctx, kind)
   images, _ = ctx.clean_set
   num_classes = ctx.dataset.num_classes
-  key = jax.random.fold_in(jax.random.key(ctx.config.seed), KEY_SALT)
+  key = keys.run_key(ctx.config.seed, keys.REVERSE)  # Both models share it.
   store = checkpoints.StageCheckpoints(
       checkpoint_dir or os.path.join(ctx.stage_dir(STAGE), kind, "checkpoints"))
   state, start_step = None, store.latest_step() or 0

@@ -6,7 +6,7 @@ Writes under `WORKDIR/train/`:
                        training images);
   backdoored/, vanilla/  orbax checkpoints, one per finished epoch;
   metrics.json         per-epoch loss/accuracy, seconds per model, final CA/ASR/RA.
-Returns the `train` entry of results.json (METHOD.md, "Results file").
+Returns the `train` entry of results.json (docs/method.md, "Results file").
 
 In a grid (`ctx.shared` set), the vanilla model is a shared piece (linfjax/runs/shared_work.py)
 keyed by `vanilla_dependencies`: the first run that needs it trains it into the grid's
@@ -26,7 +26,7 @@ import jax
 from absl import logging
 
 from linfjax.runs import checkpoints
-from linfjax import files
+from linfjax import files, keys
 from linfjax.training import metrics, train
 from linfjax import models
 from linfjax import attacks
@@ -76,7 +76,7 @@ def _initial_state(ctx: RunContext, num_examples: int):
   model = ctx.model()
   cfg = ctx.config.train
   total_steps = cfg.epochs * train.steps_per_epoch(num_examples, cfg.batch_size)
-  init_key = jax.random.fold_in(jax.random.key(ctx.config.seed), 0)
+  init_key = keys.run_key(ctx.config.seed, keys.TRAIN_INIT)
   variables = models.init(model, init_key, ctx.dataset.image_shape)
   return model, train.create_state(model, variables, train.make_optimizer(cfg, total_steps))
 
@@ -133,7 +133,7 @@ def plan(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, *,
   start_epoch = store.latest_step() or 0
   if start_epoch:
     state = store.restore(state)
-  key = jax.random.fold_in(jax.random.key(ctx.config.seed), 1)
+  key = keys.run_key(ctx.config.seed, keys.TRAIN_STEPS)
   return ModelPlan(kind, model, state, train.to_device(training_set), ctx.trigger, key, store,
                    start_epoch)
 
