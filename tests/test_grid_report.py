@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from linfjax.reports import grid_report, results
+from linfjax.reports import grid_report
+from linfjax.reports import results as results_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["train", "reverse", "prune"]
@@ -161,11 +162,11 @@ def test_mean_ci_matches_hand_computed_values():
 def test_flatten_indexes_lists_keeps_nulls_and_drops_strings():
   tree = {"seed": 3, "reverse": {"flagged": None, "anomaly_index": [0.5, 3.0], "ok": True},
           "prune": {"real": {"skipped": "no"}}}
-  assert results.flatten(tree) == {
+  assert results_lib.flatten(tree) == {
       "seed": 3, "reverse.flagged": None, "reverse.anomaly_index.0": 0.5,
       "reverse.anomaly_index.1": 3.0}
   # The summaries leave lists out.
-  assert results.flatten(tree, lists=False) == {"seed": 3, "reverse.flagged": None}
+  assert results_lib.flatten(tree, lists=False) == {"seed": 3, "reverse.flagged": None}
 
 
 def test_figures_are_written_per_pruning_method(grid):
