@@ -13,6 +13,7 @@ from conftest import SHARED_SUBSET, write_cifar_dir
 
 from linfjax import config as config_lib
 from linfjax import data, fetch
+from linfjax.data import download, fetch_cifar
 
 
 def _archive_from(batch_root: str, extra: dict | None = None) -> bytes:
@@ -103,7 +104,7 @@ def served(tmp_path):
 
 def _fetch(server, content, directory, **kwargs):
   kwargs.setdefault("subset_size", 7)
-  return fetch.fetch(directory, url=server.url, md5=hashlib.md5(content).hexdigest(),
+  return fetch_cifar.fetch(directory, url=server.url, md5=hashlib.md5(content).hexdigest(),
                      size=len(content), log=lambda text: None, **kwargs)
 
 
@@ -135,9 +136,9 @@ def test_interrupted_download_keeps_its_part_and_resumes_with_a_range_request(se
   server, content, _, _ = served
   directory = str(tmp_path / "cifar")
   server.cut_after = 1000
-  with pytest.raises(fetch.FetchError, match=r"stopped after 1000 of \d+ bytes.*rerun the same command"):
+  with pytest.raises(download.FetchError, match=r"stopped after 1000 of \d+ bytes.*rerun the same command"):
     _fetch(server, content, directory)
-  part = os.path.join(directory, fetch.ARCHIVE + ".part")
+  part = os.path.join(directory, fetch_cifar.ARCHIVE + ".part")
   assert os.path.getsize(part) == 1000
   assert not os.path.exists(os.path.join(directory, "cifar-10-batches-py"))
   server.cut_after, server.bytes_sent = None, 0
@@ -153,7 +154,7 @@ def test_server_without_range_support_restarts_from_zero(served, tmp_path):
   server, content, _, _ = served
   directory = str(tmp_path / "cifar")
   server.cut_after = 500
-  with pytest.raises(fetch.FetchError):
+  with pytest.raises(download.FetchError):
     _fetch(server, content, directory)
   server.cut_after, server.honour_range = None, False
   paths = _fetch(server, content, directory)
@@ -164,8 +165,8 @@ def test_server_without_range_support_restarts_from_zero(served, tmp_path):
 def test_wrong_checksum_deletes_the_file_and_unpacks_nothing(served, tmp_path):
   server, content, _, _ = served
   directory = str(tmp_path / "cifar")
-  with pytest.raises(fetch.FetchError, match="MD5 is .*not the published 0{32}.*deleted"):
-    fetch.fetch(directory, url=server.url, md5="0" * 32, size=len(content), log=lambda t: None)
+  with pytest.raises(download.FetchError, match="MD5 is .*not the published 0{32}.*deleted"):
+    fetch_cifar.fetch(directory, url=server.url, md5="0" * 32, size=len(content), log=lambda t: None)
   assert sorted(os.listdir(directory)) == []
 
 
@@ -175,7 +176,7 @@ def test_truncated_archive_with_matching_checksum_is_reported_as_damaged(tmp_pat
   content = _archive_from(root)[:5000]
   server = _Server(content)
   try:
-    with pytest.raises(fetch.FetchError, match="cannot be unpacked.*damaged"):
+    with pytest.raises(download.FetchError, match="cannot be unpacked.*damaged"):
       _fetch(server, content, str(tmp_path / "cifar"))
   finally:
     server.close()
@@ -195,7 +196,7 @@ def test_unsafe_or_foreign_members_are_refused(tmp_path, member):
   content = _archive_from(root, extra)
   server = _Server(content)
   try:
-    with pytest.raises(fetch.FetchError, match="refusing member"):
+    with pytest.raises(download.FetchError, match="refusing member"):
       _fetch(server, content, str(tmp_path / "out" / "cifar"))
   finally:
     server.close()
@@ -207,8 +208,8 @@ def test_unreachable_server_names_the_address(tmp_path):
   server = _Server(b"")
   url = server.url
   server.close()
-  with pytest.raises(fetch.FetchError, match="cannot connect"):
-    fetch.fetch(str(tmp_path / "cifar"), url=url, md5="0" * 32, size=10, log=lambda t: None)
+  with pytest.raises(download.FetchError, match="cannot connect"):
+    fetch_cifar.fetch(str(tmp_path / "cifar"), url=url, md5="0" * 32, size=10, log=lambda t: None)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_SUBSET), reason="needs ../shared/data")
@@ -217,10 +218,10 @@ def test_subset_of_an_archive_of_the_shared_files_is_byte_identical(tmp_path):
   content = _archive_from(SHARED_SUBSET)
   server = _Server(content)
   try:
-    paths = _fetch(server, content, str(tmp_path / "cifar"), subset_size=fetch.SUBSET_SIZE)
+    paths = _fetch(server, content, str(tmp_path / "cifar"), subset_size=fetch_cifar.SUBSET_SIZE)
   finally:
     server.close()
-  assert fetch.matches_shared_subset(paths["subset"]) == []
+  assert fetch_cifar.matches_shared_subset(paths["subset"]) == []
   for name in os.listdir(os.path.join(SHARED_SUBSET, "cifar-10-batches-py")):
     with open(os.path.join(SHARED_SUBSET, "cifar-10-batches-py", name), "rb") as f, \
         open(os.path.join(paths["subset"], "cifar-10-batches-py", name), "rb") as g:

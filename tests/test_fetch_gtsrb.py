@@ -16,7 +16,7 @@ import pytest
 from test_fetch import _Server
 
 from linfjax import fetch
-from linfjax.data import fetch_gtsrb
+from linfjax.data import download, fetch_cifar, fetch_gtsrb
 
 CLASSES = ("00000", "00001", "00002")
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2"
@@ -148,7 +148,7 @@ def test_interrupted_download_resumes_with_a_range_request(served, tmp_path):
   directory = str(tmp_path / "gtsrb")
   served.server.cut_after = 100
   first = fetch_gtsrb.ARCHIVES[0].name
-  with pytest.raises(fetch.FetchError, match=r"stopped after 100 of \d+ bytes.*rerun the same"):
+  with pytest.raises(download.FetchError, match=r"stopped after 100 of \d+ bytes.*rerun the same"):
     served.fetch(directory)
   assert os.path.getsize(os.path.join(directory, first + ".part")) == 100
   assert not os.path.exists(os.path.join(directory, "GTSRB"))
@@ -165,7 +165,7 @@ def test_wrong_checksum_deletes_the_file_and_unpacks_nothing(served, tmp_path, i
   directory = str(tmp_path / "gtsrb")
   archives = list(served.archives)
   archives[index] = dataclasses.replace(archives[index], md5="0" * 32)
-  with pytest.raises(fetch.FetchError, match="MD5 is .*not the published 0{32}.*deleted"):
+  with pytest.raises(download.FetchError, match="MD5 is .*not the published 0{32}.*deleted"):
     served.fetch(directory, archives=archives)
   assert sorted(os.listdir(directory)) == sorted(a.name for a in archives[:index])
 
@@ -175,7 +175,7 @@ def test_truncated_zip_with_matching_checksum_is_damaged(tmp_path):
   damaged = _zip(test)
   served = _Served([_zip(train), damaged[:len(damaged) // 2], _zip(gt)])
   try:
-    with pytest.raises(fetch.FetchError, match="GTSRB_Final_Test_Images.zip: cannot be "
+    with pytest.raises(download.FetchError, match="GTSRB_Final_Test_Images.zip: cannot be "
                        "unpacked.*damaged: delete it and rerun"):
       served.fetch(str(tmp_path / "gtsrb"))
   finally:
@@ -204,7 +204,7 @@ def test_unsafe_or_foreign_members_are_refused(tmp_path, index, member):
   contents = [_zip(f, extra if i == index else None) for i, f in enumerate(files)]
   served = _Served(contents)
   try:
-    with pytest.raises(fetch.FetchError, match=f"{fetch_gtsrb.ARCHIVES[index].name}: "
+    with pytest.raises(download.FetchError, match=f"{fetch_gtsrb.ARCHIVES[index].name}: "
                        "refusing member.*not GTSRB's official one"):
       served.fetch(str(directory))
   finally:
@@ -220,7 +220,7 @@ def test_unsafe_or_foreign_members_are_refused(tmp_path, index, member):
 
 def test_an_archive_that_unpacks_beyond_its_bound_is_refused(served, tmp_path):
   directory = str(tmp_path / "gtsrb")
-  with pytest.raises(fetch.FetchError, match=r"would unpack \d+ bytes, more than the 100 "):
+  with pytest.raises(download.FetchError, match=r"would unpack \d+ bytes, more than the 100 "):
     served.fetch(directory, archives=_archives(served.contents, max_bytes=100))
   assert not os.path.exists(os.path.join(directory, "GTSRB"))
 
@@ -258,7 +258,7 @@ def test_main_without_gtsrb_still_fetches_cifar10(tmp_path, capsys, args):
   assert fetch.main(["fetch", *argv, f"--url={url}"]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"{url}: cannot connect" in err
-  assert fetch.ARCHIVE in err and os.path.isdir(tmp_path / "c")
+  assert fetch_cifar.ARCHIVE in err and os.path.isdir(tmp_path / "c")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -280,7 +280,7 @@ def test_an_archive_without_its_images_folder_is_not_gtsrbs(tmp_path):
   readme_only = {"GTSRB/Readme-Images.txt": train["GTSRB/Readme-Images.txt"]}
   served = _Served([_zip(readme_only), _zip(test), _zip(gt)])
   try:
-    with pytest.raises(fetch.FetchError, match="GTSRB_Final_Training_Images.zip: lacks "
+    with pytest.raises(download.FetchError, match="GTSRB_Final_Training_Images.zip: lacks "
                        "GTSRB/Final_Training/Images; it is not GTSRB's"):
       served.fetch(str(tmp_path / "gtsrb"))
   finally:
@@ -292,7 +292,7 @@ def test_a_folder_where_the_archive_has_a_file_is_reported_not_deleted(served, t
   directory = tmp_path / "gtsrb"
   in_the_way = directory / "GTSRB" / "Readme-Images.txt"
   os.makedirs(in_the_way / "mine")
-  with pytest.raises(fetch.FetchError, match="Readme-Images.txt: a folder stands where the "
+  with pytest.raises(download.FetchError, match="Readme-Images.txt: a folder stands where the "
                      "archive has a file; move it away and rerun"):
     served.fetch(str(directory))
   assert os.path.isdir(in_the_way / "mine")

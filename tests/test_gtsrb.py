@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from linfjax import data
-from linfjax.data import gtsrb
+from linfjax.data import cache, gtsrb
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
@@ -78,7 +78,7 @@ def write_layout(root, *, classes=3, tracks=3, frames=4, tests=5, size=(32, 32),
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
   directory = tmp_path / "cache"
-  monkeypatch.setenv(gtsrb.CACHE_ENV, str(directory))
+  monkeypatch.setenv(cache.ENV, str(directory))
   return directory
 
 
@@ -138,7 +138,7 @@ def test_a_damaged_cache_file_is_decoded_again(tmp_path, cache_dir):
 
 
 def test_no_cache_when_the_variable_says_off(tmp_path, monkeypatch, cache_dir):
-  monkeypatch.setenv(gtsrb.CACHE_ENV, "off")
+  monkeypatch.setenv(cache.ENV, "off")
   write_layout(tmp_path)
   data.load_gtsrb(str(tmp_path))
   assert not cache_dir.exists()
@@ -209,16 +209,16 @@ def test_the_command_line_refuses_a_broken_layout_with_one_error_line_and_writes
   write_layout(tmp_path / "gtsrb", classes=2, tracks=2, frames=3)
   (_train(tmp_path / "gtsrb", 1) / "00001_00002.ppm").write_bytes(b"P6\n32 32\n255\n\x00")
   workdir = tmp_path / "run"
-  cache = tmp_path / "cache-cli"
+  cache_path = tmp_path / "cache-cli"
   completed = subprocess.run(
       [sys.executable, "-m", "linfjax.main", "--config=configs/gtsrb_patch.py:quick",
        f"--workdir={workdir}", f"--config.data.path={tmp_path / 'gtsrb'}"], cwd=REPO_ROOT, capture_output=True, text=True,
-      env={**os.environ, gtsrb.CACHE_ENV: str(cache)}, timeout=300)
+      env={**os.environ, cache.ENV: str(cache_path)}, timeout=300)
   assert completed.returncode == 2, completed.stderr
   last = completed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "Traceback" not in completed.stderr, completed.stderr
   assert "00001_00002.ppm" in last and "truncated" in last
-  assert not workdir.exists() and not cache.exists()
+  assert not workdir.exists() and not cache_path.exists()
 
 
 def test_the_clean_set_is_whole_tracks_class_by_class():

@@ -38,7 +38,8 @@ import tempfile
 import zipfile
 from typing import Callable, Sequence
 
-from linfjax import errors, fetch
+from linfjax import errors
+from linfjax.data import download
 
 BASE_URL = "https://sid.erda.dk/public/archives/daaeac0d7ce1152aea9b61d9f1e19370/"
 DATA_DIR = "GTSRB"  # What the archives unpack into DIR, and what `data.path=DIR` is read for.
@@ -80,8 +81,8 @@ ARCHIVES = (
 )
 
 
-def _refuse(path: str, name: str, why: str) -> fetch.FetchError:
-  return fetch.FetchError(f"{path}: refusing member {name!r}: {why}; the archive is not "
+def _refuse(path: str, name: str, why: str) -> download.FetchError:
+  return download.FetchError(f"{path}: refusing member {name!r}: {why}; the archive is not "
                           "GTSRB's official one (delete it and rerun)")
 
 
@@ -126,7 +127,7 @@ def _move_into(source: str, target: str) -> None:
       os.replace(here, there)  # A link in the way is replaced itself, not what it points to.
     else:
       kinds = ("folder", "file") if os.path.isdir(there) else ("file", "folder")
-      raise fetch.FetchError(f"{there}: a {kinds[0]} stands where the archive has a {kinds[1]}; "
+      raise download.FetchError(f"{there}: a {kinds[0]} stands where the archive has a {kinds[1]}; "
                              "move it away and rerun")
 
 
@@ -144,7 +145,7 @@ def unpack(path: str, archive: Archive, directory: str,
       members = [(_check(path, archive, info), info) for info in zf.infolist()]
       total = sum(info.file_size for _, info in members)
       if total > archive.max_bytes:
-        raise fetch.FetchError(f"{path}: would unpack {total} bytes, more than the "
+        raise download.FetchError(f"{path}: would unpack {total} bytes, more than the "
                                f"{archive.max_bytes} a GTSRB archive may; it is not GTSRB's "
                                "official one (delete it and rerun)")
       if _unpacked(members, directory) and os.path.exists(required):
@@ -159,9 +160,9 @@ def unpack(path: str, archive: Archive, directory: str,
             continue
           os.makedirs(os.path.dirname(out), exist_ok=True)
           with zf.open(info) as source, open(out, "wb") as sink:
-            shutil.copyfileobj(source, sink, fetch.CHUNK)
+            shutil.copyfileobj(source, sink, download.CHUNK)
         if not os.path.exists(os.path.join(staging, archive.required)):
-          raise fetch.FetchError(f"{path}: lacks {archive.required}; it is not GTSRB's "
+          raise download.FetchError(f"{path}: lacks {archive.required}; it is not GTSRB's "
                                  f"{archive.name} (delete it and rerun)")
         _move_into(staging, directory)
       finally:
@@ -170,7 +171,7 @@ def unpack(path: str, archive: Archive, directory: str,
           OSError) as e:
     if isinstance(e, OSError) and errors.from_os_error(e) is not None:
       raise
-    raise fetch.FetchError(f"{path}: cannot be unpacked ({type(e).__name__}: {e}); it is "
+    raise download.FetchError(f"{path}: cannot be unpacked ({type(e).__name__}: {e}); it is "
                            "damaged: delete it and rerun") from None
   log(f"{path}: {sum(not info.is_dir() for _, info in members)} files unpacked into "
       f"{os.path.join(directory, DATA_DIR)}")
@@ -196,7 +197,7 @@ def fetch_gtsrb(directory: str, *, base_url: str = BASE_URL,
   """
   archives = ARCHIVES if archives is None else archives
   os.makedirs(directory, exist_ok=True)
-  paths = {archive.name: fetch.download(base_url.rstrip("/") + "/" + archive.name,
+  paths = {archive.name: download.download(base_url.rstrip("/") + "/" + archive.name,
                                         os.path.join(directory, archive.name), md5=archive.md5,
                                         size=archive.size, progress=progress, log=log)
            for archive in archives}

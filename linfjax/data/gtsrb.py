@@ -19,10 +19,9 @@ Every training image carries its track as a *group*: frames of one track are
 near-duplicates, so the defender's clean set S is held out by track (`data.Split`), and no
 sign has frames both in training and in S.
 
-Decoding is cached: the decoded arrays are stored under a key made of every file's SHA-256
-(and the requested size), in `$LINFJAX_DATA_CACHE` or `~/.cache/linfjax/data` ('off': no
-cache). The next load reads and hashes the files, which it must do anyway to know the
-data is the same, and skips the decoding and resizing.
+Decoding is cached (linfjax/data/cache.py) under a key made of every file's SHA-256 and the
+requested size: the next load reads and hashes the files, which it must do anyway to know
+the data is the same, and skips the decoding and resizing.
 
 References:
   Stallkamp et al., "The German Traffic Sign Recognition Benchmark: A multi-class
@@ -34,14 +33,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import os
 import re
 
 import numpy as np
 from absl import logging
 
-from linfjax import files
+from linfjax.data import cache
 from linfjax.data import images as image_files
 from linfjax.data.dataset import Dataset, DatasetError
 
@@ -52,7 +50,6 @@ TEST_LABELS = os.path.join(ROOT_DIR, "Final_Test", "GT-final_test.csv")
 TEST_ROWS_WITHOUT_LABELS = os.path.join(TEST_DIR, "GT-final_test.test.csv")
 CSV_COLUMNS = ("Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
 SUMS_FILE = "SHA256SUMS"
-CACHE_ENV = "LINFJAX_DATA_CACHE"
 # Bumped when the decoded arrays of the same files would differ (decoder or resizing).
 CACHE_VERSION = 1
 _CLASS_FOLDER = re.compile(r"^000(\d\d)$")
@@ -205,42 +202,6 @@ def read_layout(path: str) -> Layout:
                 np.asarray(test_labels, np.int32), len(classes))
 
 
-def decode_ppm(payload: bytes, path: str) -> np.ndarray:
-  """A binary PPM (P6, maxval up to 255) as uint8 [H, W, 3]; DatasetError naming `path`."""
-  tokens, position = [], 2
-  if payload[:2] != b"P6":
-    raise DatasetError(f"{path}: not a binary PPM image (it does not start with P6)")
-  while len(tokens) < 3:
-    while position < len(payload) and payload[position:position + 1].isspace():
-      position += 1
-    if payload[position:position + 1] == b"#":
-      end = payload.find(b"\n", position)
-      position = len(payload) if end < 0 else end + 1
-      continue
-    start = position
-    while position < len(payload) and not payload[position:position + 1].isspace():
-      position += 1
-    token = payload[start:position]
-    if not token.isdigit():
-      raise DatasetError(f"{path}: a truncated or malformed PPM header")
-    tokens.append(int(token))
-  width, height, maxval = tokens
-  if not (width > 0 and height > 0 and 0 < maxval <= 255):
-    raise DatasetError(f"{path}: a PPM of {width}x{height} with maxval {maxval} is not an "
-                       "8-bit image")
-  if width * height > image_files.MAX_PIXELS:
-    raise DatasetError(f"{path}: {width}x{height} pixels is more than the "
-                       f"{image_files.MAX_PIXELS} allowed")
-  start, size = position + 1, width * height * 3
-  if len(payload) < start + size:
-    raise DatasetError(f"{path}: truncated ({max(0, len(payload) - start)} of {size} pixel "
-                       "bytes)")
-  pixels = np.frombuffer(payload, np.uint8, size, start).reshape(height, width, 3)
-  if maxval != 255:
-    pixels = (pixels.astype(np.uint32) * 255 // maxval).astype(np.uint8)
-  return pixels
-
-
 def _read_all(root: str, paths: tuple[str, ...]) -> list[bytes]:
   """Every file's bytes, in order (one after another: threads were slower for small files)."""
   payloads = []
@@ -274,15 +235,6 @@ def _check_sums(root: str, paths: tuple[str, ...], digests: list[str]) -> None:
       raise DatasetError(f"{os.path.join(root, relative)}: listed in {sums_path} but missing")
 
 
-def cache_directory() -> str | None:
-  """Where decoded datasets are kept: $LINFJAX_DATA_CACHE, else ~/.cache/linfjax/data;
-  None when that variable is 'off'."""
-  chosen = os.environ.get(CACHE_ENV, "")
-  if chosen == "off":
-    return None
-  return chosen or os.path.join(os.path.expanduser("~"), ".cache", "linfjax", "data")
-
-
 def _cache_key(paths: tuple[str, ...], digests: list[str], size) -> str:
   key = hashlib.sha256(f"gtsrb {CACHE_VERSION} {tuple(size or ())}".encode())
   for relative, digest in zip(paths, digests):
@@ -293,7 +245,10 @@ def _cache_key(paths: tuple[str, ...], digests: list[str], size) -> str:
 def _decode(payloads: list[bytes], paths: tuple[str, ...], root: str, size) -> np.ndarray:
   arrays = []
   for payload, relative in zip(payloads, paths):
-    image = decode_ppm(payload, os.path.join(root, relative))
+    try:
+      image = image_files.decode_ppm(payload, os.path.join(root, relative))
+    except image_files.ImageError as e:
+      raise DatasetError(str(e)) from None
     if size and image.shape[:2] != tuple(size):
       image = image_files.resize(image, tuple(size))
     elif not size and arrays and image.shape != arrays[0].shape:
@@ -321,43 +276,15 @@ def load_gtsrb(path: str, *, image_size: tuple[int, ...] = ()) -> Dataset:
     raise DatasetError(f"{e.filename}: cannot be read ({e.strerror})") from None
   digests = [hashlib.sha256(payload).hexdigest() for payload in payloads]
   _check_sums(layout.root, paths, digests)
-  cache_dir = cache_directory()
+  cache_dir = cache.directory()
   cache_path = (os.path.join(cache_dir, f"gtsrb-{_cache_key(paths, digests, image_size)}.npz")
                 if cache_dir else None)
-  images = _cached(cache_path, len(paths))
+  images = cache.read(cache_path, len(paths))
   if images is None:
     images = _decode(payloads, paths, layout.root, image_size)
-    _store(cache_path, images)
+    cache.write(cache_path, images)
   else:
     logging.info("%s: decoded images from the cache %s", layout.root, cache_path)
   count = len(layout.train_paths)
   return Dataset(images[:count], layout.train_labels, images[count:], layout.test_labels,
                  CLASS_NAMES[:layout.num_classes], train_groups=layout.train_groups)
-
-
-def _cached(cache_path: str | None, count: int) -> np.ndarray | None:
-  """The cached images, or None when there are none (or they are unreadable: decode anew)."""
-  if cache_path is None or not os.path.exists(cache_path):
-    return None
-  try:
-    with np.load(cache_path, allow_pickle=False) as arrays:
-      images = arrays["images"]
-  except Exception as e:  # A damaged cache file only costs the decoding it would have saved.
-    logging.warning("%s: unreadable decoded cache (%s); decoding the images again", cache_path,
-                    type(e).__name__)
-    return None
-  if images.dtype != np.uint8 or images.ndim != 4 or len(images) != count:
-    return None
-  return images
-
-
-def _store(cache_path: str | None, images: np.ndarray) -> None:
-  if cache_path is None:
-    return
-  try:
-    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, images=images)
-    files.write_bytes(cache_path, buffer.getvalue())
-  except OSError as e:  # No cache is slower, not wrong.
-    logging.warning("%s: the decoded cache cannot be written (%s)", cache_path, e.strerror)

@@ -75,3 +75,42 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
       (size[1], size[0]), Image.Resampling.BILINEAR)
   array = np.asarray(resized, np.uint8)
   return array[..., None] if squeeze else array
+
+
+def decode_ppm(payload: bytes, path: str) -> np.ndarray:
+  """A binary PPM (P6, maxval up to 255) as uint8 [H, W, 3]; ImageError naming `path`.
+
+  Much faster than PIL for many small files (GTSRB ships 51,839 of them).
+  """
+  tokens, position = [], 2
+  if payload[:2] != b"P6":
+    raise ImageError(f"{path}: not a binary PPM image (it does not start with P6)")
+  while len(tokens) < 3:
+    while position < len(payload) and payload[position:position + 1].isspace():
+      position += 1
+    if payload[position:position + 1] == b"#":
+      end = payload.find(b"\n", position)
+      position = len(payload) if end < 0 else end + 1
+      continue
+    start = position
+    while position < len(payload) and not payload[position:position + 1].isspace():
+      position += 1
+    token = payload[start:position]
+    if not token.isdigit():
+      raise ImageError(f"{path}: a truncated or malformed PPM header")
+    tokens.append(int(token))
+  width, height, maxval = tokens
+  if not (width > 0 and height > 0 and 0 < maxval <= 255):
+    raise ImageError(f"{path}: a PPM of {width}x{height} with maxval {maxval} is not an "
+                       "8-bit image")
+  if width * height > MAX_PIXELS:
+    raise ImageError(f"{path}: {width}x{height} pixels is more than the "
+                       f"{MAX_PIXELS} allowed")
+  start, size = position + 1, width * height * 3
+  if len(payload) < start + size:
+    raise ImageError(f"{path}: truncated ({max(0, len(payload) - start)} of {size} pixel "
+                       "bytes)")
+  pixels = np.frombuffer(payload, np.uint8, size, start).reshape(height, width, 3)
+  if maxval != 255:
+    pixels = (pixels.astype(np.uint32) * 255 // maxval).astype(np.uint8)
+  return pixels
