@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from linfjax.reports import grid_report
+from linfjax.reports import grid_report, grid_runs
 from linfjax.reports import results as results_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,13 +150,13 @@ def test_aggregates_are_mean_sd_and_t_interval_over_finished_runs_only(grid):
 
 
 def test_mean_ci_matches_hand_computed_values():
-  stats = grid_report.mean_ci([1.0, 2.0, 4.0])
+  stats = grid_runs.mean_ci([1.0, 2.0, 4.0])
   assert stats["n"] == 3
   assert stats["mean"] == pytest.approx(7 / 3)
   assert stats["sd"] == pytest.approx(1.527525, abs=1e-6)
   assert stats["ci95"] == pytest.approx(3.794583, abs=1e-6)
-  assert grid_report.mean_ci([5.0]) == {"n": 1, "mean": 5.0, "sd": None, "ci95": None}
-  assert grid_report.mean_ci([]) == {"n": 0, "mean": None, "sd": None, "ci95": None}
+  assert grid_runs.mean_ci([5.0]) == {"n": 1, "mean": 5.0, "sd": None, "ci95": None}
+  assert grid_runs.mean_ci([]) == {"n": 0, "mean": None, "sd": None, "ci95": None}
 
 
 def test_flatten_indexes_lists_keeps_nulls_and_drops_strings():
@@ -245,7 +245,7 @@ def test_command_line_writes_the_report_and_fails_clearly(tmp_path):
 def test_bad_grid_json_names_the_file_and_the_problem(tmp_path, content, problem):
   if content is not None:
     (tmp_path / "grid.json").write_text(content)
-  with pytest.raises(grid_report.GridReportError, match=problem) as raised:
+  with pytest.raises(grid_runs.GridReportError, match=problem) as raised:
     grid_report.write_grid_report(str(tmp_path))
   assert str(tmp_path / "grid.json") in str(raised.value)
 
@@ -254,9 +254,9 @@ def test_unreadable_run_files_make_a_failed_run_with_the_reason(tmp_path):
   root = str(tmp_path)
   _write_json(os.path.join(root, "runs", "a", "config.json"), {"seed": 0})
   _write_json(os.path.join(root, "runs", "a", "results.json"), _results(0, 1.0, 2.0))
-  run = grid_report.read_run(root, "a", {})
+  run = grid_runs.read_run(root, "a", {})
   assert (run.status, run.error) == ("failed", "unreadable run files")
   assert "'stages' should be a list" in run.message
   _write_json(os.path.join(root, "runs", "b", "results.json"), [1, 2])
-  assert "results.json holds a list" in grid_report.read_run(root, "b", {}).message
-  assert grid_report.read_run(root, "missing", {}).status == "incomplete"
+  assert "results.json holds a list" in grid_runs.read_run(root, "b", {}).message
+  assert grid_runs.read_run(root, "missing", {}).status == "incomplete"

@@ -32,9 +32,7 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Callable, NamedTuple
 
 import chex
@@ -44,9 +42,9 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from linfjax import attacks, errors, pixels, settings
+from linfjax import attacks, errors, pixels
 from linfjax.detection import nc_schedule
-from linfjax.settings import boolean, integer, number, spec
+from linfjax.detection.nc_schedule import Settings
 
 # NC draws the initial mask and pattern uniformly in [0, 1]; ours: kept inside
 # [0.01, 0.99] so that their logits are finite.
@@ -55,50 +53,6 @@ INIT_MARGIN = 0.01
 
 class ReverseDiverged(errors.UserError, RuntimeError):
   """The reverse-engineering loss became NaN or infinite."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings(settings.Settings):
-  """Neural Cleanse's hyperparameters (a config's `reverse` block); patiences in updates.
-
-  Values from NC's code (its GTSRB example) unless marked "ours". A step is `mini_batches`
-  Adam updates followed by the adaptive-cost bookkeeping.
-  """
-  steps: int = spec(1000, integer(1), "NC's steps.")
-  mini_batches: int = spec(16, integer(1), "Ours: Adam updates a step, one pass over the 500 "
-                           "images of S (NC: 1000 / 32).")
-  batch_size: int = spec(32, integer(1), "Images of S per update.")
-  learning_rate: float = spec(0.1, number(0.0, 10.0, low_open=True),
-                              "Adam, betas (0.5, 0.9); NC's tanh parametrisation.")
-  init_cost: float = spec(1e-3, number(0.0, 1e3, low_open=True), "The mask norm's first cost.")
-  reset_cost_to_zero: bool = spec(False, boolean(),
-                                  "NC's code starts the cost at 0 and sets it to init_cost after "
-                                  "`patience` successes; BackdoorBench's NC starts at init_cost "
-                                  "(ours: the default).")
-  cost_multiplier: float = spec(2.0, number(1.0, 100.0, low_open=True),
-                                "Up by this, down by its 1.5th power.")
-  patience: int = spec(80, integer(1), "Adam updates of success (failure) before the cost moves "
-                       "(NC: 5 steps).")
-  attack_success_threshold: float = spec(0.99, number(0.0, 1.0, low_open=True),
-                                         "The attack success a class must reach.")
-  success_images: int = spec(0, integer(0), "Images of S each step's success is judged on by a "
-                             "forward-only pass of the current trigger (ours); 0: the mean over "
-                             "the step's mini-batches, as NC.")
-  early_stop_threshold: float = spec(1.0, number(0.0, 1.0, low_open=True),
-                                     "Stalled: best norm >= this x the earlier best.")
-  early_stop_patience: int = spec(400, integer(1), "Stalled Adam updates before a class stops "
-                                  "(NC: 25 steps).")
-
-  @property
-  def schedule(self) -> nc_schedule.Schedule:
-    """The cost schedule, its patiences converted from updates to steps (at least 1)."""
-    in_steps = lambda updates: max(1, math.ceil(updates / self.mini_batches))
-    return nc_schedule.Schedule(
-        init_cost=self.init_cost, reset_cost_to_zero=self.reset_cost_to_zero,
-        cost_multiplier=self.cost_multiplier, patience=in_steps(self.patience),
-        attack_success_threshold=self.attack_success_threshold,
-        early_stop_threshold=self.early_stop_threshold,
-        early_stop_patience=in_steps(self.early_stop_patience))
 
 
 class ClassState(NamedTuple):
