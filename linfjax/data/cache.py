@@ -34,13 +34,13 @@ def read(cache_path: str | None, count: int) -> np.ndarray | None:
   if cache_path is None or not os.path.exists(cache_path):
     return None
   try:
-    with np.load(cache_path, allow_pickle=False) as arrays:
-      images = arrays["images"]
+    images = np.load(cache_path, allow_pickle=False)  # One .npy array: a plain read.
   except Exception as e:  # A damaged cache file only costs the decoding it would have saved.
     logging.warning("%s: unreadable decoded cache (%s); decoding the images again", cache_path,
                     type(e).__name__)
     return None
-  if images.dtype != np.uint8 or images.ndim != 4 or len(images) != count:
+  if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+      or len(images) != count:
     return None
   return images
 
@@ -51,7 +51,7 @@ def write(cache_path: str | None, images: np.ndarray) -> None:
   try:
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, images=images)
+    np.save(buffer, images)
     files.write_bytes(cache_path, buffer.getvalue())
   except OSError as e:  # No cache is slower, not wrong.
     logging.warning("%s: the decoded cache cannot be written (%s)", cache_path, e.strerror)

@@ -51,7 +51,7 @@ TEST_ROWS_WITHOUT_LABELS = os.path.join(TEST_DIR, "GT-final_test.test.csv")
 CSV_COLUMNS = ("Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
 SUMS_FILE = "SHA256SUMS"
 # Bumped when the decoded arrays of the same files would differ (decoder or resizing).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _CLASS_FOLDER = re.compile(r"^000(\d\d)$")
 _TRAIN_IMAGE = re.compile(r"^(\d{5})_(\d{5})\.ppm$")
 
@@ -277,7 +277,7 @@ def load_gtsrb(path: str, *, image_size: tuple[int, ...] = ()) -> Dataset:
   digests = [hashlib.sha256(payload).hexdigest() for payload in payloads]
   _check_sums(layout.root, paths, digests)
   cache_dir = cache.directory()
-  cache_path = (os.path.join(cache_dir, f"gtsrb-{_cache_key(paths, digests, image_size)}.npz")
+  cache_path = (os.path.join(cache_dir, f"gtsrb-{_cache_key(paths, digests, image_size)}.npy")
                 if cache_dir else None)
   images = cache.read(cache_path, len(paths))
   if images is None:
