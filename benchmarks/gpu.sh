@@ -7,4 +7,4 @@
 # (e.g. --tiny, which CI runs on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python benchmarks/run_all.py --gpu "$@"
+exec "${PYTHON:-python}" benchmarks/run_all.py --gpu "$@"

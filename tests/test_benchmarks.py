@@ -10,10 +10,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIO = re.compile(r"^ratio (\S+) (\S+) target (\S+)$", re.MULTILINE)
 
 
-def _run(command, timeout=900):
+def _run(command, timeout=900, env=None):
   completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                              timeout=timeout,
-                             env=dict(os.environ, PYTHONPATH=REPO, LINFJAX_COMPILE_CACHE="off"))
+                             env=dict(os.environ, PYTHONPATH=REPO, LINFJAX_COMPILE_CACHE="off",
+                                      **(env or {})))
   assert completed.returncode == 0, (completed.stdout[-3000:], completed.stderr[-3000:])
   return completed.stdout
 
@@ -36,7 +37,7 @@ def test_run_all_prints_machine_versions_and_one_table(tmp_path):
 
 
 def test_gpu_script_runs_at_tiny_sizes_on_cpu():
-  output = _run(["bash", "benchmarks/gpu.sh", "--tiny", "--only=gpu"])
+  output = _run(["bash", "benchmarks/gpu.sh", "--tiny", "--only=gpu"], env={"PYTHON": sys.executable})
   ratios = _ratios(output.split("| benchmark | ratio |")[1])
   assert {"lockstep_vs_sequential_cnn_x2_float32", "lockstep_vs_sequential_cnn_x2_bfloat16",
           "lockstep_vs_sequential_preact_resnet18_x2_float32",
