@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linfjax import models
-from linfjax.defenses import anp, bn
+from linfjax import attacks, models
+from linfjax import config as config_lib
+from linfjax.defenses import DEFENSES, anp, bn
+from linfjax.defenses.base import Inputs
+from linfjax.training import metrics
 
 EPS = 1e-5  # Flax BatchNorm's epsilon.
 
@@ -194,3 +197,32 @@ def test_sweep_and_choice_as_backdoorbench_anp_py():
   assert anp.choose_level(ca, asr, ca_reference=90.0, asr_reference=4.0, acc_ratio=0.1) == -1
   assert anp.choose_level([70.0], [0.0], ca_reference=90.0, asr_reference=95.0,
                           acc_ratio=0.1) == -1
+
+
+def test_sweep_selection_runs_on_the_clean_set_and_keeps_its_choice():
+  """selection='sweep' evaluates every threshold's model on S under the defender's trigger and
+  returns the level `choose_level` picks from those numbers (or the unpruned model)."""
+  model = models.create("cnn", num_classes=4, width=0.125)
+  variables = models.init(model, jax.random.key(0), (16, 16, 3))
+  images = np.asarray(jax.random.randint(jax.random.key(1), (24, 16, 16, 3), 0, 256), np.uint8)
+  labels = np.arange(24, dtype=np.int32) % 4
+  trigger = attacks.patch((16, 16, 3), size=3, row=0, col=0, pattern=np.ones((3, 3, 3)))
+  inputs = Inputs(model=model, variables=variables, images=images, labels=labels,
+                  trigger=trigger, target=1, mode="all_to_one", layer="conv3_2", seed=0,
+                  recipe=config_lib.base_config().train, eval_batch_size=24)
+  values = anp.Settings(iterations=2, batch_size=8, learning_rate=2.0, selection="sweep",
+                        pruning_max=0.9, pruning_step=0.3)
+  record = DEFENSES["anp"].run(inputs, values)
+  details = record.details
+  np.testing.assert_allclose(details["levels"], [0.0, 0.3, 0.6, 0.9])
+  assert details["chosen_level"] == anp.choose_level(
+      details["CA_S"], details["ASR_defender"], ca_reference=details["CA_S_unpruned"],
+      asr_reference=details["ASR_defender_unpruned"], acc_ratio=0.1)
+  on_s = metrics.evaluate(model.apply, record.variables, images, labels, trigger, target=1,
+                          mode="all_to_one", num_classes=4, batch_size=24)
+  chosen = details["chosen_level"]
+  assert on_s["CA"] == pytest.approx(details["CA_S"][chosen] if chosen >= 0
+                                     else details["CA_S_unpruned"], abs=1e-6)
+  scales = np.concatenate([np.asarray(bn.scale(record.variables, n)) for n in bn.layer_names(
+      variables)])
+  assert record.pruned == int(np.sum(scales == 0.0))
