@@ -1,4 +1,5 @@
-"""CLP: conv/batch-norm pairs by data flow, the channel bound by hand, the pruning rule."""
+"""CLP: conv/batch-norm pairs as the references walk modules, the channel bound by hand, the
+pruning rule."""
 
 import jax
 import numpy as np
@@ -18,22 +19,77 @@ def _shapes(name, width):
   return model, jax.eval_shape(lambda: models.init(model, jax.random.key(0), (16, 16, 3)))
 
 
-def test_pairs_follow_the_data_flow():
+def _torch_walk_pairs(forward_order: bool):
+  """Each batch norm of PreActResNet-18 with the last conv before it in a walk over the
+  modules: BackdoorBench's PreActBlock declares bn1, conv1, bn2, conv2, shortcut (what
+  `named_modules()` yields); its forward runs bn1, shortcut, conv1, bn2, conv2. Flax names:
+  a downsampling block's shortcut is Conv_0 (called first), its 3x3 convs Conv_1, Conv_2."""
+  walk = ["conv1/Conv_0"]
+  for stage in (1, 2, 3, 4):
+    for block in (1, 2):
+      name, projection = f"block{stage}_{block}", stage > 1 and block == 1
+      first, second = (f"{name}/Conv_1", f"{name}/Conv_2") if projection else (
+          f"{name}/Conv_0", f"{name}/Conv_1")
+      shortcut = [f"{name}/Conv_0"] if projection else []
+      norms = [f"{name}/BatchNorm_0", f"{name}/BatchNorm_1"]
+      if forward_order:
+        walk += [norms[0], *shortcut, first, norms[1], second]
+      else:
+        walk += [norms[0], first, norms[1], second, *shortcut]
+  pairs, conv = {}, None
+  for module in walk:
+    if "Conv" in module:
+      conv = module
+    else:
+      pairs[module] = conv
+  return pairs
+
+
+def test_clp_pairs_every_batch_norm_with_the_last_conv_as_clp_py():
+  """defense.py's CLP and BackdoorBench's defense/clp.py CLP_prune pair every BatchNorm2d
+  with the last Conv2d before it in `named_modules()`: 16 norms on PreActResNet-18."""
   model, variables = _tiny("cnn")
-  pairs = clp.conv_bn_pairs(model, variables, (16, 16, 3))
-  assert pairs == tuple((f"{layer}/Conv_0", f"{layer}/BatchNorm_0") for layer in
-                        ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2"))
+  for pairing in clp.PAIRINGS:
+    pairs = clp.conv_bn_pairs(model, variables, (16, 16, 3), pairing=pairing)
+    assert pairs == tuple((f"{layer}/Conv_0", f"{layer}/BatchNorm_0") for layer in
+                          ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2"))
   model, variables = _shapes("preact_resnet18", 0.0625)
-  pairs = dict((norm, conv) for conv, norm in clp.conv_bn_pairs(model, variables, (16, 16, 3)))
-  # The stem conv feeds the first block's first norm; later first norms take residual sums.
-  assert pairs["block1_1/BatchNorm_0"] == "conv1/Conv_0"
-  assert "block1_2/BatchNorm_0" not in pairs and "block3_1/BatchNorm_0" not in pairs
-  # Inner norms follow the 3x3 conv, created after the 1x1 shortcut in downsampling blocks.
-  assert pairs["block1_1/BatchNorm_1"] == "block1_1/Conv_0"
-  assert pairs["block2_1/BatchNorm_1"] == "block2_1/Conv_1"
-  assert len(pairs) == 9
+  declared = clp.conv_bn_pairs(model, variables, (16, 16, 3))
+  assert len(declared) == 16 == len(bn.layer_names(variables))
+  assert dict((norm, conv) for conv, norm in declared) == _torch_walk_pairs(False)
+  traced = dict((norm, conv) for conv, norm in
+                clp.conv_bn_pairs(model, variables, (16, 16, 3), pairing="traced"))
+  assert traced == _torch_walk_pairs(True)
+  # A block's first norm takes the previous block's last conv: after a downsampling block,
+  # its shortcut as declared, its second 3x3 conv as run.
+  assert dict((norm, conv) for conv, norm in declared)["block2_2/BatchNorm_0"] == \
+      "block2_1/Conv_0"
+  assert traced["block2_2/BatchNorm_0"] == "block2_1/Conv_2"
+  assert traced["block1_2/BatchNorm_0"] == "block1_1/Conv_1"
+  assert sum(traced[n] != c for c, n in declared) == 3
   model, variables = _shapes("alexnet", 0.0625)
   assert len(clp.conv_bn_pairs(model, variables, (16, 16, 3))) == 5
+
+
+def test_bound_of_a_first_norm_uses_the_shortcut_kernel():
+  """block2_2's first norm, paired with block2_1's 1x1 shortcut: the bound of a 1x1 kernel
+  is the l2 norm of its C_in weights, times |gamma| / sqrt(var)."""
+  model, variables = _tiny("preact_resnet18", 0.0625)
+  params = jax.tree.map(np.asarray, variables["params"])
+  stats = jax.tree.map(np.asarray, variables["batch_stats"])
+  rng = np.random.default_rng(0)
+  size = params["block2_2"]["BatchNorm_0"]["scale"].shape
+  params["block2_2"]["BatchNorm_0"]["scale"] = rng.normal(size=size).astype(np.float32)
+  stats["block2_2"]["BatchNorm_0"]["var"] = rng.uniform(0.5, 2.0, size).astype(np.float32)
+  variables = {"params": params, "batch_stats": stats}
+  bounds = clp.channel_lipschitz(variables, clp.conv_bn_pairs(model, variables, (16, 16, 3)))
+  kernel = np.asarray(variables["params"]["block2_1"]["Conv_0"]["kernel"], np.float64)
+  assert kernel.shape[:2] == (1, 1)
+  gain = (np.abs(np.asarray(bn.scale(variables, "block2_2/BatchNorm_0"), np.float64))
+          / np.sqrt(np.asarray(bn.running_var(variables, "block2_2/BatchNorm_0"), np.float64)))
+  np.testing.assert_allclose(bounds["block2_2/BatchNorm_0"],
+                             np.linalg.norm(kernel[0, 0], axis=0) * gain, rtol=1e-6)
+  assert len(bounds) == 16
 
 
 def test_channel_bound_matches_a_hand_computation():

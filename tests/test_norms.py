@@ -22,6 +22,12 @@ def test_norms_match_numpy():
   np.testing.assert_array_equal(only_linf[0], got[2])
   with pytest.raises(KeyError, match="l3"):
     norms.activation_norms(activation, ("l3",))
+  # The signed sum beside the norms (Fine-Pruning's mean activation), NORMS' indices kept.
+  every = jax.jit(functools.partial(norms.activation_norms, norms=norms.STATISTICS))(activation)
+  assert norms.STATISTICS[:3] == norms.NORMS and every.shape == (4, 3, 6)
+  np.testing.assert_array_equal(every[:3], got)
+  np.testing.assert_allclose(every[3], activation.sum(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+  assert np.any(every[3] < 0) and not np.allclose(every[3], every[0])
 
 
 def _two_layer_apply(variables, x):
@@ -57,6 +63,14 @@ def test_streamed_statistics_over_uneven_batches_equal_one_shot_numpy():
       np.testing.assert_allclose(stats[layer].std[condition], per_image.std(axis=1),
                                  rtol=1e-4, atol=1e-5)
   assert not np.allclose(stats["second"].mean[1], stats["second"].mean[0])
+  with_sum = norms.norm_statistics(_two_layer_apply, variables, images, [real], batch_size=7,
+                                   norms=norms.STATISTICS)
+  _, activations = jax.jit(_two_layer_apply)(variables, x)
+  signed = np.asarray(activations["second"], np.float64).sum(axis=(1, 2))  # tanh: both signs.
+  np.testing.assert_allclose(with_sum["second"].mean[0, 3], signed.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(with_sum["second"].std[0, 3], signed.std(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(with_sum["second"].mean[:, :3], stats["second"].mean[:2],
+                             rtol=1e-6)
   one_norm = norms.norm_statistics(_two_layer_apply, variables, images, [real], batch_size=10,
                                    norms=("l2",))
   np.testing.assert_allclose(one_norm["first"].mean[:, 0], stats["first"].mean[:2, 1], rtol=1e-5)

@@ -16,7 +16,7 @@ from test_pipeline import tiny_config
 
 from linfjax import attacks, keys, models
 from linfjax import config as config_lib
-from linfjax.defenses import anp, clp, multi_layer
+from linfjax.defenses import anp, clp, fine_pruning, multi_layer
 from linfjax.defenses import nc_unlearning as unlearning
 from linfjax.defenses import pruning as prune
 from linfjax.detection import norms
@@ -65,6 +65,17 @@ def test_level_counts_from_fractions_and_counts():
     ("nc_unlearning.share", 0.0, "config.prune.nc_unlearning.share: 0.0 is outside (0.0, 1.0]"),
     ("layers.levels", (0.2, 0.1), "config.prune.layers.levels: must be distinct increasing"),
     ("fine_pruning.level", "auto", "config.prune.fine_pruning.level: unknown value 'auto'"),
+    ("fine_pruning.score", "max", "config.prune.fine_pruning.score: unknown value 'max'"),
+    ("fine_pruning.ratio", 0.0, "config.prune.fine_pruning.ratio: 0.0 is outside (0.0, 1.0]"),
+    ("fine_pruning.grid", "fine", "config.prune.fine_pruning.grid: unknown value 'fine'"),
+    ("anp.clip_noise", None, "config.prune.anp.clip_noise: must be True or False"),
+    ("anp.learning_rate", 0.0, "config.prune.anp.learning_rate: 0.0 is outside (0.0, 10.0]"),
+    ("anp.pruning_by", "ratio", "config.prune.anp.pruning_by: unknown value 'ratio'"),
+    ("anp.selection", "best", "config.prune.anp.selection: unknown value 'best'"),
+    ("anp.acc_ratio", 1.5, "config.prune.anp.acc_ratio: 1.5 is outside (0.0, 1.0]"),
+    ("clp.pairing", "named", "config.prune.clp.pairing: unknown value 'named'"),
+    ("nc_unlearning.only_flagged", None,
+     "config.prune.nc_unlearning.only_flagged: must be True or False"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())
@@ -230,18 +241,62 @@ def test_fine_pruning_ranks_by_clean_mean_smallest_first():
 
   images = np.asarray(jax.random.uniform(jax.random.key(5), (12, 4, 4, 3)) * 0.9, np.float32)
   trigger = attacks.patch((4, 4, 3), size=1, row=0, col=0, pattern=np.ones((1, 1, 3)))
-  moments = norms.norm_statistics(apply_fn, {}, images, [trigger], batch_size=5)["L"]
+  moments = norms.norm_statistics(apply_fn, {}, images, [trigger], batch_size=5,
+                                  norms=norms.STATISTICS)["L"]
   assert prune.map_size(apply_fn_model(apply_fn), {}, (4, 4, 3), "L") == 16
-  clean_mean = prune.clean_mean_activation(moments, map_size=16)
   triggered = np.asarray(attacks.apply(trigger, images))
-  np.testing.assert_allclose(clean_mean, np.asarray(weights) * images[..., 0].mean(), rtol=1e-5)
-  np.testing.assert_array_equal(prune.ranking(clean_mean, largest_first=False), [1, 3, 0, 4, 2])
+  for score in ("mean", "mean_abs"):  # A non-negative layer: both scores agree.
+    clean_mean = prune.clean_mean_activation(moments, map_size=16, score=score)
+    np.testing.assert_allclose(clean_mean, np.asarray(weights) * images[..., 0].mean(),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(prune.ranking(clean_mean, largest_first=False),
+                                  [1, 3, 0, 4, 2])
   for norm in ("linf", "l1"):
     assert prune.ranking(prune.scores_from_moments(moments, norm=norm))[0] == 3
   linf_shift = prune.scores_from_moments(moments, norm="linf", score="shift")
   expected = (np.asarray(weights) * triggered[..., 0].max((1, 2)).mean()
               + np.asarray(spike) - np.asarray(weights) * images[..., 0].max((1, 2)).mean())
   np.testing.assert_allclose(linf_shift, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_pruning_ranks_by_the_signed_mean_as_fp_py():
+  """BackdoorBench's fp.py ranks by the mean over S of the (pooled) activation with its sign
+  (PreActResNet-18's last map has no ReLU), as the authors' conv_output_prune.py np.mean."""
+  weights = jnp.asarray([0.5, -2.0, 0.2, -0.1])
+
+  def apply_fn(variables, x):
+    return None, {"L": (x[..., :1] - 0.5) * weights[None, None, None] + 0.1 * x[..., 1:2]}
+
+  images = np.asarray(jax.random.uniform(jax.random.key(1), (10, 4, 4, 3)), np.float32)
+  moments = norms.norm_statistics(apply_fn, {}, images, batch_size=4,
+                                  norms=norms.STATISTICS)["L"]
+  x = images.astype(np.float64)
+  maps = (x[..., :1] - 0.5) * np.asarray(weights, np.float64) + 0.1 * x[..., 1:2]
+  signed = prune.clean_mean_activation(moments, map_size=16)
+  absolute = prune.clean_mean_activation(moments, map_size=16, score="mean_abs")
+  np.testing.assert_allclose(signed, maps.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(absolute, np.abs(maps).mean(axis=(0, 1, 2)), rtol=1e-5)
+  assert not np.array_equal(prune.ranking(signed, largest_first=False),
+                            prune.ranking(absolute, largest_first=False))
+  assert fine_pruning.Settings().score == "mean"
+
+
+@pytest.mark.parametrize("ca, expected", [
+    ([80, 80, 75, 72.5, 71.9, 79], 3),  # 71.9 moves by 10.1 % >= 10 %: the level before.
+    ([80, 81, 87.5], 2),  # Up by 9.4 %: passes (|change|).
+    ([80, 88.0, 60], 0),  # Up by exactly 10 %: stops (strict <, as fp.py).
+])
+def test_fine_pruning_stops_at_a_relative_ca_drop_as_fp_py(ca, expected):
+  assert fine_pruning.relative_ca_drop_level(ca, ca_reference=ca[0], ratio=0.1) == expected
+
+
+def test_fine_pruning_grid_of_fp_py_prunes_one_fewer():
+  """fp.py: num_pruned in range(0, K, ceil(K * 0.01)) prunes seq_sort[0:num_pruned - 1]."""
+  counts = fine_pruning.once_prune_ratio_counts(512, 0.01)
+  np.testing.assert_array_equal(counts[:4], [0, 5, 11, 17])
+  assert counts[-1] == 509 and len(counts) == 86
+  np.testing.assert_array_equal(fine_pruning.once_prune_ratio_counts(10, 0.01), np.arange(9))
+  np.testing.assert_array_equal(fine_pruning.once_prune_ratio_counts(16, 0.25), [0, 3, 7, 11])
 
 
 def test_fine_tuning_keeps_pruned_channels_at_zero():
@@ -393,10 +448,10 @@ def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, 
   s_images, s_labels = ctx.clean_set
   key = lambda salt: jax.random.fold_in(jax.random.key(config.seed), salt)
   clp_variables, clp_keep, _ = clp.defend(model, variables, ctx.dataset.image_shape, u=0.5)
-  anp_keep = anp.keep_above(anp.learn_masks(
+  anp_keep = anp.keep_above(anp.as_written(anp.learn_masks(
       model.apply, variables, s_images, s_labels, key=key(keys.ANP),
       settings=anp.Hyperparameters(iterations=3, padding=config.train.crop_padding,
-                                   flip=bool(config.train.flip))), 0.9)
+                                   flip=bool(config.train.flip)))), 0.9)
   recipe = finetune.Recipe(
       epochs=config.prune.fine_tune.epochs, learning_rate=config.prune.fine_tune.learning_rate,
       momentum=config.train.momentum, weight_decay=config.train.weight_decay,
@@ -423,6 +478,9 @@ def test_baselines_in_the_stage_equal_the_library_defenses(cifar_dir, tmp_path, 
                             num_classes=10, batch_size=32)
     assert synthetic[name]["ASR_defender"] == pytest.approx(on_s["ASR"], abs=1e-3)
 
+  with open(os.path.join(workdir, "prune", "synthetic", "nc_unlearning.json")) as f:
+    details = json.load(f)["details"]
+  assert details["flagged"] is True and details["unlearned"] is True  # From the trigger file.
   monkeypatch.setattr(anp, "learn_masks", lambda *a, **k: pytest.fail("ANP learned again"))
   monkeypatch.setattr(unlearning, "unlearn", lambda *a, **k: pytest.fail("unlearned again"))
   assert prune_stage.run(ctx) == result

@@ -3,12 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from linfjax.training import finetune, metrics, train
 from linfjax import models
 from linfjax import attacks
 from linfjax.attacks import poison
+from linfjax import config as config_lib
+from linfjax.defenses import DEFENSES, fine_tuning
 from linfjax.defenses import nc_unlearning as unlearning
+from linfjax.defenses.base import Inputs
 from test_train import _quadrant_set, _recipe
 
 
@@ -53,3 +57,34 @@ def test_unlearning_removes_a_planted_backdoor_and_keeps_accuracy():
   plain = train.fit(plain, train.to_device(poison.clean(s_images, s_labels)), trigger,
                     train.Recipe(recipe.epochs, 32, 0, False), key=jax.random.key(5))
   assert evaluate(train.variables(plain))["ASR"] >= 80.0
+
+
+def _inputs(flagged):
+  model = models.create("cnn", num_classes=4, width=0.125)
+  variables = models.init(model, jax.random.key(0), (16, 16, 3))
+  trigger = attacks.patch((16, 16, 3), size=2, row=0, col=0, pattern=np.ones((2, 2, 3)))
+  images, labels = np.zeros((10, 16, 16, 3), np.uint8), np.arange(10, dtype=np.int32) % 4
+  return Inputs(model=model, variables=variables, images=images, labels=labels, trigger=trigger,
+                target=1, mode="all_to_one", layer="conv3_2", seed=0,
+                recipe=config_lib.base_config().train, flagged=flagged)
+
+
+def test_only_flagged_leaves_the_model_unchanged_as_backdoorbench_nc_py(monkeypatch):
+  """BackdoorBench's defense/nc.py returns the model as it is when no class is flagged
+  (`flag == 0`); `only_flagged=True` does the same, the default unlearns anyway."""
+  calls = []
+  monkeypatch.setattr(unlearning, "unlearn", lambda *a, **k: calls.append(k) or {"new": 1})
+  entry = DEFENSES["nc_unlearning"]
+  settings = lambda only: (unlearning.Settings(only_flagged=only),
+                           fine_tuning.Settings())
+  record = entry.run(_inputs(False), settings(True))
+  assert record.variables is None and record.pruned == 0 and not calls
+  assert record.details["unlearned"] is False and record.details["flagged"] is False
+  assert record.details["reason"] == unlearning.NOT_FLAGGED
+  record = entry.run(_inputs(True), settings(True))
+  assert record.variables == {"new": 1} and record.details["unlearned"] is True
+  record = entry.run(_inputs(False), settings(False))  # linfjax's default: unlearns anyway.
+  assert record.variables == {"new": 1} and len(calls) == 2
+  assert calls[-1]["share"] == 0.2 and unlearning.Settings().only_flagged is False
+  with pytest.raises(ValueError, match="Inputs.flagged"):
+    entry.run(_inputs(None), settings(True))

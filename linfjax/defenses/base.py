@@ -43,6 +43,8 @@ class Inputs:
   images, labels: the defender's clean set S, uint8 [N, H, W, C] and int [N];
   trigger, target, mode: the defender's trigger, the class it sends images to and the
     poisoning mode, or None for a defense without a trigger;
+  flagged: whether Neural Cleanse flagged the defender's target class as backdoored (the
+    synthetic trigger's file says; True for the real trigger), None when unknown;
   layer: the pruning layer L; seed: the run's seed (each defense folds its own salt of
     linfjax/keys.py); recipe: the training recipe (augmentation, SGD momentum and decay)
     that fine-tuning on S reuses; eval_batch_size: images per evaluation call;
@@ -60,6 +62,7 @@ class Inputs:
   seed: int
   recipe: Any
   eval_batch_size: int = 500
+  flagged: bool | None = None
   bar: Callable[..., Any] = lambda desc, total, unit="batch": Bar()
   cache: dict = dataclasses.field(default_factory=dict)
 
@@ -68,12 +71,13 @@ class Inputs:
     return self.model.num_classes
 
   def statistics(self) -> dict[str, norms.Moments]:
-    """Per-neuron l1/l2/linf moments of every probe layer on S, clean (condition 0) and
-    under the defender's trigger (condition 1); computed once per inputs."""
+    """Per-neuron moments of every probe layer on S, clean (condition 0) and under the
+    defender's trigger (condition 1), for `norms.STATISTICS` (l1, l2, linf, then the signed
+    sum; the norms keep their `norms.NORMS` indices); computed once per inputs, in one pass."""
     if "statistics" not in self.cache:
       self.cache["statistics"] = norms.norm_statistics(
           self.model.apply, self.variables, self.images, [self.trigger],
-          batch_size=self.eval_batch_size)
+          batch_size=self.eval_batch_size, norms=norms.STATISTICS)
     return self.cache["statistics"]
 
   def map_size(self, layer: str) -> int:

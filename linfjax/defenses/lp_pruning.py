@@ -24,10 +24,13 @@ from linfjax.defenses.base import Curve, Defense, Inputs, Record, Work
 NORMS = ("linf", "l2", "l1")
 
 
-def sweep_order(inputs: Inputs, values: pruning.Settings, order: np.ndarray, desc: str) -> Curve:
-  """The levels of `values` along a pruning order, swept on S, with docs/method.md's r* chosen."""
+def sweep_order(inputs: Inputs, values: pruning.Settings, order: np.ndarray, desc: str,
+                counts: np.ndarray | None = None) -> Curve:
+  """The levels of `values` (or the neuron `counts` given, 0 first) along a pruning order,
+  swept on S, with docs/method.md's r* chosen."""
   layer = inputs.layer
-  counts = pruning.level_counts(tuple(values.levels), len(order), unit=values.level_unit)
+  if counts is None:
+    counts = pruning.level_counts(tuple(values.levels), len(order), unit=values.level_unit)
   stack = pruning.masks(order, counts)
   numbers = inputs.clean_set_sweep({layer: stack}, mask_batch=values.mask_batch, desc=desc)
   chosen = pruning.choose_level(numbers["ASR_defender"], numbers["CA_S"],

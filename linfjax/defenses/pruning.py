@@ -121,22 +121,25 @@ def scores_from_moments(moments: norms.Moments, *, norm: str, score: str = "shif
   return np.asarray(triggered - moments.mean[0, index])
 
 
-def clean_mean_activation(moments: norms.Moments, *, map_size: int,
-                          norm_names: Sequence[str] = norms.NORMS) -> np.ndarray:
+def clean_mean_activation(moments: norms.Moments, *, map_size: int, score: str = "mean",
+                          norm_names: Sequence[str] = norms.STATISTICS) -> np.ndarray:
   """Fine-Pruning's score: each neuron's mean activation over S and over its map.
 
-  `mean_x ||A_k(x)||_1 / (H' W')`, the mean activation for a layer after a ReLU (for a
-  residual sum without one, the mean absolute activation).
+  `score="mean"`: the signed `mean_x sum(A_k(x)) / (H' W')`, as both references rank
+  (for a layer after a ReLU it equals the next); `"mean_abs"`: `mean_x ||A_k(x)||_1 / (H' W')`.
 
   Args:
-    moments: as for `scores_from_moments`; needs "l1" in `norm_names`.
+    moments: as for `scores_from_moments`; needs "sum" ("mean") or "l1" ("mean_abs") in
+      `norm_names`.
     map_size: `H' * W'` of the layer's maps.
-    norm_names: the norm axis of `moments`.
+    score: "mean" or "mean_abs".
+    norm_names: the statistic axis of `moments`.
 
   Returns:
     [K] float64; Fine-Pruning prunes the smallest first.
   """
-  return np.asarray(moments.mean[0, list(norm_names).index("l1")]) / map_size
+  statistic = {"mean": "sum", "mean_abs": "l1"}[score]
+  return np.asarray(moments.mean[0, list(norm_names).index(statistic)], np.float64) / map_size
 
 
 def ranking(scores: ArrayLike, *, largest_first: bool = True) -> np.ndarray:

@@ -2,11 +2,13 @@
 
 docs/method.md ("Activation norms"): neuron `k` of a layer with output `A` of shape
 `[H', W', K]` has the map `A_k`; its norms are `l1 = sum |A_k|`,
-`l2 = sqrt(sum A_k^2)` and `linf = max |A_k|`. All three, for every probe layer,
-come from one forward pass over a batch that stacks the clean images and their
-triggered copies. Over a dataset, per-neuron means and standard deviations are
-kept as running moments (Chan et al.'s pairwise merge, float64 on the host), so
-memory does not grow with the number of images; every batch is padded to one
+`l2 = sqrt(sum A_k^2)` and `linf = max |A_k|`; beside them, on request, the signed
+`sum = sum A_k` (not a norm: Fine-Pruning's mean activation is `sum / (H' W')`, which
+differs from `l1 / (H' W')` where the map can be negative, as a residual sum without a ReLU).
+All of them, for every probe layer, come from one forward pass over a batch that stacks
+the clean images and their triggered copies. Over a dataset, per-neuron means and
+standard deviations are kept as running moments (Chan et al.'s pairwise merge, float64 on
+the host), so memory does not grow with the number of images; every batch is padded to one
 size and masked, so one compiled function serves the whole dataset.
 
 The trigger-induced shift of neuron `k` under norm `p` is
@@ -32,6 +34,9 @@ from linfjax import data, pixels
 from linfjax import attacks
 
 NORMS = ("l1", "l2", "linf")
+# Every per-neuron statistic `activation_norms` computes: the norms, then the signed sum of the
+# map. NORMS is a prefix, so a norm's index is the same in either axis.
+STATISTICS = NORMS + ("sum",)
 # `rel` divides by a neuron's clean norm; a (near-)dead neuron's is floored at this share of
 # the layer's mean clean norm, so a neuron that only fires under the trigger gives a large
 # but finite relative shift.
@@ -39,25 +44,27 @@ REL_FLOOR = 0.01
 
 
 def activation_norms(activation: jax.Array, norms: Sequence[str] = NORMS) -> jax.Array:
-  """Norms of every neuron's activation map.
+  """Norms (and, when asked, the signed sum) of every neuron's activation map.
 
   Args:
     activation: [B, H', W', K] layer output.
-    norms: which of NORMS to compute, in this order.
+    norms: which of STATISTICS to compute, in this order.
 
   Returns:
     [len(norms), B, K] float32.
   """
   chex.assert_rank(activation, 4)
-  magnitude = jnp.abs(activation.astype(jnp.float32))
+  signed = activation.astype(jnp.float32)
+  magnitude = jnp.abs(signed)
   reductions = {
       "l1": lambda: jnp.sum(magnitude, axis=(1, 2)),
       "l2": lambda: jnp.sqrt(jnp.sum(jnp.square(magnitude), axis=(1, 2))),
       "linf": lambda: jnp.max(magnitude, axis=(1, 2)),
+      "sum": lambda: jnp.sum(signed, axis=(1, 2)),
   }
   unknown = [norm for norm in norms if norm not in reductions]
   if unknown:
-    raise KeyError(f"unknown norm(s) {unknown}; known: {', '.join(NORMS)}")
+    raise KeyError(f"unknown norm(s) {unknown}; known: {', '.join(STATISTICS)}")
   return jnp.stack([reductions[norm]() for norm in norms])
 
 
@@ -100,7 +107,7 @@ def batch_moments(variables, images: jax.Array, valid: jax.Array,
     valid: [B] bool, False on padding rows.
     trigger_list: T triggers; the pass runs on B * (1 + T) images.
     apply_fn: `model.apply`, returning (logits, {layer: [N, H', W', K]}).
-    norms: which of NORMS to compute.
+    norms: which of STATISTICS to compute.
 
   Returns:
     layer -> (count [], mean [1 + T, len(norms), K], m2 [1 + T, len(norms), K]).
@@ -139,7 +146,7 @@ def norm_statistics(apply_fn: Callable, variables, images: np.ndarray,
     images: [N, H, W, C], uint8 pixels or floats in [0, 1] (anything sliceable).
     trigger_list: the triggers whose effect is measured (condition i + 1 is trigger i).
     batch_size: images per forward pass (each pass holds `batch_size * (1 + T)` images).
-    norms: which of NORMS to compute.
+    norms: which of STATISTICS to compute (all in the same pass).
     on_batch: called after every batch (a progress bar's update).
 
   Returns:

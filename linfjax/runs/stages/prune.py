@@ -2,7 +2,8 @@
 
 For each trigger source the defender's trigger `T^` and target are
   - "synthetic": the reverse stage's suspect class and its trigger (the realistic setting),
-    whether or not Neural Cleanse flagged it (results.json's `reverse.flagged` says);
+    whether or not Neural Cleanse flagged it (results.json's `reverse.flagged` says; the
+    defenses get it as `Inputs.flagged`);
   - "real": the attack's own trigger and label (analysis only).
 The defenses of `prune.defenses` (synthetic source) and `prune.real_defenses` (real source)
 run in order from `linfjax.defenses.DEFENSES`, each on the backdoored model, S and `T^`; only
@@ -51,24 +52,26 @@ CLEAN_SET_KEYS = ("CA_S", "ASR_defender")
 
 @dataclasses.dataclass(frozen=True)
 class Defender:
-  """The trigger the defender uses, the class it sends images to, and the mode."""
+  """The trigger the defender uses, the class it sends images to, the mode, and whether Neural
+  Cleanse flagged that class (True for the real trigger)."""
   trigger: attacks.TriggerLike
   target: int
   mode: str
+  flagged: bool
 
 
 def _defender(ctx: RunContext, source: str) -> Defender | str:
   """What the defender uses for `source`, or the reason the source is skipped."""
   if source == "real":
-    return Defender(ctx.trigger, ctx.config.poison.target, ctx.config.poison.mode)
+    return Defender(ctx.trigger, ctx.config.poison.target, ctx.config.poison.mode, True)
   if "reverse" not in ctx.config.stages:
     return NO_REVERSE_STAGE
   loaded = reverse_stage.load_synthetic_trigger(ctx.workdir, ctx.dataset.image_shape,
                                                 ctx.dataset.num_classes)
   if loaded is None:
     return NO_SYNTHETIC_TRIGGER
-  trigger, target, _ = loaded
-  return Defender(trigger, target, "all_to_one")
+  trigger, target, flagged = loaded
+  return Defender(trigger, target, "all_to_one", flagged)
 
 
 def defense_names(config, source: str) -> tuple[str, ...]:
@@ -122,7 +125,8 @@ def _fingerprint(ctx: RunContext, inputs: Inputs, defender: Defender, name: str)
   return fingerprint.fingerprint(
       defense=name, layer=inputs.layer, weights=fingerprint.tree_digest(inputs.variables),
       trigger=fingerprint.tree_digest(defender.trigger), target=defender.target,
-      prune=json.loads(ctx.config.prune.to_json()), train=json.loads(ctx.config.train.to_json()),
+      flagged=defender.flagged, prune=json.loads(ctx.config.prune.to_json()),
+      train=json.loads(ctx.config.train.to_json()),
       clean_set=fingerprint.digest([ctx.split.clean_set_indices]),
       test=len(ctx.dataset.test_labels))
 
@@ -309,7 +313,7 @@ def run(ctx: RunContext) -> dict:
     inputs = Inputs(model=model, variables=variables, images=images, labels=labels,
                     trigger=defender.trigger, target=defender.target, mode=defender.mode,
                     layer=layer, seed=ctx.config.seed, recipe=ctx.config.train,
-                    eval_batch_size=ctx.config.train.eval_batch_size,
+                    eval_batch_size=ctx.config.train.eval_batch_size, flagged=defender.flagged,
                     bar=lambda desc, total, unit="batch": ctx.progress.bar(desc, total, part=0.0,
                                                                           unit=unit),
                     cache={"tuned": tuned})
