@@ -29,10 +29,32 @@ from linfjax import attacks, data, defenses, models, settings
 from linfjax.attacks import poison
 from linfjax.defenses import pruning
 from linfjax.detection import neural_cleanse, outliers
-from linfjax.settings import ConfigError, boolean, described, fail, integer, spec
+from linfjax.settings import ConfigError, boolean, choice, described, fail, integer, spec
 from linfjax.training import train
 
 STAGES = ("train", "reverse", "analysis", "prune")
+# A protocol is every choice that differs between two ways of running the same experiment,
+# as fields to set. "linfjax" keeps the defaults (ours); "backdoorbench" sets BackdoorBench's
+# (checked against its code at f02e353, each defense's module names its file): poisoned
+# images stamped before augmentation, the defenses' clean data 5 % of the training set
+# (images the model has seen), ANP's learning rate, batch and threshold sweep, Fine-Pruning's
+# relative 10 % clean-accuracy stop on its own level grid, and NC unlearning only when a class
+# is flagged. (Also the references' own choices in both protocols: ANP's unclipped noise,
+# CLP's pairing in module order, Fine-Pruning's signed mean.)
+PROTOCOLS = {
+    "linfjax": {},
+    "backdoorbench": {
+        "poison.stamp": "before_augmentation",
+        "data.clean_set_from": "training",
+        "data.clean_set_fraction": 0.05,
+        "prune.anp.learning_rate": 0.01,
+        "prune.anp.batch_size": 256,
+        "prune.anp.selection": "sweep",
+        "prune.fine_pruning.level": "relative_ca_drop",
+        "prune.fine_pruning.grid": "once_prune_ratio",
+        "prune.nc_unlearning.only_flagged": True,
+    },
+}
 # Where the quick configs' data sit relative to a checkout of the repo: the CIFAR-10 subset
 # and the whole of GTSRB at 32x32 (elsewhere: `python -m linfjax.fetch [gtsrb] DIR`).
 SHARED_SUBSET = "../shared/data/cifar10-subset"
@@ -43,6 +65,9 @@ SHARED_GTSRB = "../shared/data/gtsrb32"
 class Run(settings.Settings):
   """The top level of a config."""
   seed: int = spec(0, integer(0), "Seeds everything a run draws (linfjax/keys.py).")
+  protocol: str = spec("linfjax", choice(*PROTOCOLS),
+                       "The protocol applied (config.PROTOCOLS; a variant ':backdoorbench' or a "
+                       "grid axis 'protocol=' applies one): its fields must hold its values.")
   stages: tuple = spec(STAGES, described(f"one or more of {', '.join(map(repr, STAGES))}, run "
                                          "in order"), "The stages to run.")
 
@@ -180,17 +205,35 @@ def use_gtsrb_alexnet(config: ml_collections.ConfigDict,
   return config
 
 
+def apply_protocol(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets every field of protocol `name` and records it in `config.protocol`."""
+  if name not in PROTOCOLS:
+    raise ConfigError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+  for field, value in PROTOCOLS[name].items():
+    *blocks, leaf = field.split(".")
+    _node(config, ".".join(blocks))[leaf] = value
+  config.protocol = name
+  return config
+
+
 VARIANTS = {"": lambda config: config, "quick": make_quick}
 # Named trigger settings: what configs/cifar_<NAME>.py use and a grid axis `trigger=NAME` sets.
 TRIGGER_PRESETS = attacks.PRESETS
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """Applies a config file's argument (`--config=FILE:quick`); an unknown one lists the known."""
-  if variant not in VARIANTS:
-    raise ConfigError(f"unknown config variant {variant!r}; known: "
-                      f"{', '.join(repr(v) for v in VARIANTS)}")
-  return VARIANTS[variant](config)
+  """Applies a config file's argument, one variant and/or a protocol separated by commas
+  (`--config=FILE:quick`, `FILE:quick,backdoorbench`); an unknown one lists the known."""
+  for name in variant.split(",") if variant else [""]:
+    if name in PROTOCOLS:
+      apply_protocol(config, name)
+    elif name in VARIANTS:
+      VARIANTS[name](config)
+    else:
+      raise ConfigError(f"unknown config variant {name!r}; known: "
+                        f"{', '.join(repr(v) for v in VARIANTS)} and the protocols "
+                        f"{', '.join(repr(p) for p in PROTOCOLS)}")
+  return config
 
 
 def _node(config, path: str):
@@ -208,13 +251,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
       continue
     for owner in owners:
       owner.check_block(_node(config, path), path)
+  for field, value in PROTOCOLS[config.protocol].items():
+    if _node(config, field) != value:
+      fail("protocol", f"{config.protocol!r} sets {field}={value!r} but the config has "
+           f"{_node(config, field)!r}; apply the protocol with --config=FILE:{config.protocol} "
+           f"(or FILE:quick,{config.protocol}) and override nothing it sets, or use "
+           "protocol='linfjax'")
   model = models.Settings.from_config(config.model)
   if config.prune.layer:
     models.check_layers(model, "prune.layer", [config.prune.layer],
                         empty="or empty for the default probe")
   models.check_layers(model, "prune.layers.layers", config.prune.layers.layers,
                       empty="or empty for all")
-  if "reverse" in config.stages and config.reverse.batch_size > config.data.clean_set_size:
+  if ("reverse" in config.stages and not config.data.clean_set_fraction
+      and config.reverse.batch_size > config.data.clean_set_size):
     fail("reverse.batch_size", f"{config.reverse.batch_size} is larger than the clean set S "
          f"(data.clean_set_size {config.data.clean_set_size})")
 
@@ -227,16 +277,20 @@ def validate_against_data(config: ml_collections.ConfigDict, *, image_shape: Seq
     fail("poison.target", f"{config.poison.target} is not a class of this dataset (classes "
          f"0..{num_classes - 1})")
   attacks.check_data(config.trigger, image_shape)
-  if config.data.clean_set_size >= num_train:
-    fail("data.clean_set_size", f"{config.data.clean_set_size} leaves no training images out of "
-         f"{num_train}")
-  if config.train.batch_size > num_train - config.data.clean_set_size:
+  size = data.clean_set_size(config.data, num_train)
+  held_out = 0 if config.data.clean_set_from == "training" else size
+  if held_out >= num_train:
+    fail("data.clean_set_size", f"{size} leaves no training images out of {num_train}")
+  if "reverse" in config.stages and config.reverse.batch_size > size:
+    fail("reverse.batch_size", f"{config.reverse.batch_size} is larger than the clean set S "
+         f"({size} images)")
+  if config.train.batch_size > num_train - held_out:
     fail("train.batch_size", f"{config.train.batch_size} is larger than the "
-         f"{num_train - config.data.clean_set_size} training images")
+         f"{num_train - held_out} training images")
   if config.train.crop_padding >= min(height, width):
     fail("train.crop_padding", f"{config.train.crop_padding} is not smaller than the image")
 
 
-__all__ = ["ConfigError", "ReverseStage", "Run", "SHARED_GTSRB", "SHARED_SUBSET", "STAGES",
-           "Sweep", "TRIGGER_PRESETS", "VARIANTS", "apply_variant", "base_config", "blocks", "rules",
+__all__ = ["ConfigError", "PROTOCOLS", "ReverseStage", "Run", "SHARED_GTSRB", "SHARED_SUBSET", "STAGES",
+           "Sweep", "TRIGGER_PRESETS", "VARIANTS", "apply_protocol", "apply_variant", "base_config", "blocks", "rules",
            "make_quick", "use_gtsrb", "use_gtsrb_alexnet", "validate", "validate_against_data"]

@@ -99,6 +99,9 @@ def registries() -> str:
                                for name, cls in models.MODELS.items()}),
       ("Data sources (data.source)", {name: source.needs
                                       for name, source in data.SOURCES.items()}),
+      ("Protocols (protocol; a variant :NAME or a grid axis protocol=NAME applies one)",
+       {name: ", ".join(f"{field}={value!r}" for field, value in fields.items())
+        or "the defaults above (ours)" for name, fields in config_lib.PROTOCOLS.items()}),
   ]
   out = []
   for title, entries in sections:

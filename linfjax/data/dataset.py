@@ -126,6 +126,15 @@ def hold_out_clean_set(num_train: int, size: int, seed: int, *,
                train_indices=np.flatnonzero(~in_clean_set))
 
 
+def clean_set_from_training(num_train: int, size: int, seed: int) -> Split:
+  """S as clean copies of `size` training images (seeded), which stay in training: the
+  defender's data the model has seen, as BackdoorBench gives its defenses."""
+  if not 0 < size <= num_train:
+    raise ValueError(f"clean set size {size} must be in [1, {num_train}]")
+  chosen = keys.numpy_rng(seed, keys.CLEAN_SET).permutation(num_train)[:size]
+  return Split(clean_set_indices=np.sort(chosen), train_indices=np.arange(num_train))
+
+
 def padded_batches(batch_size: int, *arrays: np.ndarray) -> Iterator[tuple[tuple, int]]:
   """Fixed-size batches of equally long arrays, the last one zero-padded.
 

@@ -13,7 +13,7 @@ from typing import Callable
 from linfjax import settings
 from linfjax.data import cifar, folder, gtsrb, tfds_source
 from linfjax.data.dataset import Dataset, DatasetError, limit
-from linfjax.settings import choice, described, fail, integer, spec
+from linfjax.settings import choice, described, fail, integer, number, spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,9 @@ SOURCES: dict[str, Source] = {
 }
 
 
+CLEAN_SET_ORIGINS = ("held_out", "training")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings(settings.Settings):
   """The `data` block."""
@@ -65,6 +68,13 @@ class Settings(settings.Settings):
                            "gtsrb); () keeps the stored size, which must then be one size.")
   clean_set_size: int = spec(500, integer(1), "The defender's held-out clean set S (whole "
                              "tracks of GTSRB, at least this many images).")
+  clean_set_from: str = spec("held_out", choice(*CLEAN_SET_ORIGINS),
+                             '"held_out": S is kept out of training (ours, the default); '
+                             '"training": S is clean copies of training images, which the model '
+                             "has seen (BackdoorBench gives defenses 5 % of the training set).")
+  clean_set_fraction: float = spec(0.0, number(0.0, 1.0, high_open=True),
+                                   "S as a share of the training images; 0: clean_set_size "
+                                   "images.")
   train_limit: int = spec(0, integer(0), "Use only the first N training images; 0 means all.")
   test_limit: int = spec(0, integer(0), "Likewise for the test split.")
 
@@ -85,6 +95,14 @@ class Settings(settings.Settings):
       resizing = ", ".join(name for name, other in SOURCES.items() if other.resizes)
       fail(f"{prefix}.image_size", f"applies to the {resizing} sources; {self.source} images "
            "are 32x32")
+
+
+def clean_set_size(data_config, num_train: int) -> int:
+  """How many images S holds: `clean_set_fraction` of the training images, else
+  `clean_set_size`."""
+  if data_config.clean_set_fraction:
+    return max(1, int(round(data_config.clean_set_fraction * num_train)))
+  return data_config.clean_set_size
 
 
 def load(data_config) -> Dataset:

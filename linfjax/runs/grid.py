@@ -6,8 +6,9 @@ A grid is a base config plus `config.sweep.axes`, a string of whitespace-separat
     "trigger=patch,blend poison.rate=0.05,0.1 seed=0,1,2"
 
 FIELD is a leaf of the config (`seed`, `poison.rate`, `trigger.alpha`, `model.width`),
-and each value is parsed as that field's type; or it is a block with named presets
-(`trigger`, from `config.TRIGGER_PRESETS`), where a value sets several fields at once.
+and each value is parsed as that field's type; or it names presets, where a value sets
+several fields at once: `trigger` (`config.TRIGGER_PRESETS`) and `protocol`
+(`config.PROTOCOLS`).
 The command line overrides the axes like any field:
 `--config.sweep.axes="seed=0,1 poison.rate=0.1"`.
 
@@ -27,7 +28,8 @@ import ml_collections
 
 from linfjax import config as config_lib
 
-PRESETS = {"trigger": config_lib.TRIGGER_PRESETS}
+# Fields whose axis values are preset names: a value sets several fields at once.
+PRESETS = {"trigger": config_lib.TRIGGER_PRESETS, "protocol": config_lib.PROTOCOLS}
 _AXIS = re.compile(r"^([A-Za-z_][\w.]*)=(.+)$")
 
 
@@ -127,6 +129,9 @@ def parse_axes(config: ml_collections.ConfigDict) -> list[Axis]:
 
 
 def _set(config: ml_collections.ConfigDict, field: str, value) -> None:
+  if field == "protocol":
+    config_lib.apply_protocol(config, value)
+    return
   if field in PRESETS:
     config[field].update(PRESETS[field][value])
     return

@@ -146,7 +146,7 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
   config_lib.validate_against_data(config, image_shape=dataset.image_shape,
                                    num_classes=dataset.num_classes,
                                    num_train=len(dataset.train_labels))
-  split = data.clean_set_split(dataset, size=config.data.clean_set_size, seed=config.seed)
+  split = data.split_for(dataset, config.data, config.seed)
   if "train" in config.stages:
     try:
       poison.select_poison_indices(dataset.train_labels[split.train_indices],
@@ -167,8 +167,9 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
   pruning sweep's heads (the layers after L, for every mask) and the figures are left out;
   each defense estimates its own (`Defense.cost`).
   """
-  num_train = len(dataset.train_labels) - config.data.clean_set_size
-  clean_set, test = config.data.clean_set_size, len(dataset.test_labels)
+  clean_set = data.clean_set_size(config.data, len(dataset.train_labels))
+  held_out = 0 if config.data.clean_set_from == "training" else clean_set
+  num_train, test = len(dataset.train_labels) - held_out, len(dataset.test_labels)
   models = 2  # backdoored and vanilla
   train_steps = config.train.epochs * (num_train // config.train.batch_size)
   reverse = config.reverse
