@@ -4,10 +4,10 @@
   python examples/paper_pipeline.py --tiny       # a smoke run: a few hundred images, 1 epoch
   python examples/paper_pipeline.py --data=DIR/cifar10-subset   # data elsewhere
 
-The quick setting is configs/cifar_patch.py:quick: a small CNN on the CIFAR-10 subset in
-../shared/data/cifar10-subset (beside the repository; `python -m linfjax.fetch DIR` writes it
-to DIR/cifar10-subset), BadNets' 3x3 white patch, target class 0, 10 % of the training images
-poisoned. The steps, as in Xu et al.:
+The quick setting is configs/cifar_patch.py:quick: a small CNN on the quick runs' reference
+CIFAR-10 subset (that config's `data.path`, taken relative to the repository root; `python -m
+linfjax.fetch DIR` writes the same subset to DIR/cifar10-subset), BadNets' 3x3 white patch,
+target class 0, 10 % of the training images poisoned. The steps, as in Xu et al.:
   1. hold out the defender's clean set S; poison the rest and train a backdoored and a
      vanilla model (same recipe and seed); CA, ASR and RA on the test split;
   2. Neural Cleanse on S for both models: a synthetic trigger per class, and which class is
@@ -42,7 +42,7 @@ from linfjax import errors  # noqa: E402
 _TINY = flags.DEFINE_bool("tiny", False, "A smoke run: a few hundred images, 1 epoch, a 1/8-width "
                           "CNN, 2 Neural Cleanse steps (the numbers mean nothing).")
 _DATA = flags.DEFINE_string("data", None, "The CIFAR-10 subset (a cifar-10-batches-py layout); "
-                            "default ../shared/data/cifar10-subset beside the repository.")
+                            "default: the quick config's data.path, from the repository root.")
 
 NORMS = ("linf", "l2", "l1")
 

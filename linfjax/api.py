@@ -309,7 +309,7 @@ def detect(reversed_or_norms: neural_cleanse.Reversed | ArrayLike, *,
     succeeded: [K] bool, the classes whose solve reached the attack-success threshold
       (only they count); taken from a `Reversed`, else all classes.
     statistic: an outlier index of `outliers.STATISTICS`: "nc" (Neural Cleanse's MAD
-      index), "log", or "ratio" (median norm / class norm); None: the config default.
+      index), "log", or "ratio" (median norm / class norm); None: the config's default, "ratio".
     threshold: the index a class must exceed; None: the statistic's default (nc: 2).
 
   Returns:
@@ -401,8 +401,8 @@ def defend(name: str, model: models.LayeredClassifier, variables: Variables,
       synthetic trigger: `reverse_engineer(...).trigger(c)` and c); needed by the
       defenses that use a trigger.
     mode: the poisoning mode the defender assumes.
-    config: a run config whose `prune` block (settings, layer L), `train` block
-      (fine-tuning's recipe) and seed are used; None: `config.base_config()`.
+    config: a run config (checked first) whose `prune` block (settings, layer L), `train`
+      block (fine-tuning's recipe) and seed are used; None: `config.base_config()`.
     settings: the defense's own settings (`defense.from_config(prune_block)` gives them),
       overriding the config's; a `pruning.Settings` with a `layer` sets L.
     layer: L, overriding the settings and config; default the model's last conv map.
@@ -417,7 +417,10 @@ def defend(name: str, model: models.LayeredClassifier, variables: Variables,
   defense = defenses.DEFENSES[name]
   if defense.needs_trigger and (trigger is None or target is None):
     raise ValueError(f"defense {name!r} needs the defender's trigger and target")
-  config = config_lib.base_config() if config is None else config
+  if config is None:
+    config = config_lib.base_config()
+  else:
+    config_lib.validate(config)
   values = defense.from_config(config.prune) if settings is None else settings
   layer = layer or getattr(settings, "layer", "") or config.prune.layer or model.default_probe
   layers = tuple(dict.fromkeys((layer, *defense.layers(model, config.prune))))

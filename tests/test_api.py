@@ -333,11 +333,31 @@ def test_defend_linf_zeroes_exactly_r_star_top_shifted_channels():
     linfjax.defend("l2", model, variables, images, labels, trigger=_patch())
 
 
-def test_load_run_gives_back_the_runs_results_models_and_trigger(tiny_run, tmp_path):
+def test_run_writes_the_pipelines_results_and_resumes(tiny_run, monkeypatch):
   config, workdir, run = tiny_run
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)
   assert run.results == on_disk and set(on_disk) == {"seed", "train", "reverse"}
+  assert on_disk["train"]["poisoned"] == 16 and on_disk["train"]["clean_set"] == 20
+  assert os.path.exists(os.path.join(workdir, "reverse", "synthetic_trigger.npz")) == (
+      on_disk["reverse"]["suspect"] is not None)
+
+  def must_not_run(ctx):
+    raise AssertionError("a finished stage ran again")
+
+  monkeypatch.setitem(pipeline.STAGES, "train", must_not_run)
+  monkeypatch.setitem(pipeline.STAGES, "reverse", must_not_run)
+  assert linfjax.run(config, workdir).results == on_disk
+  other = tiny_config(config.data.path, epochs=3)
+  other.stages = config.stages
+  with pytest.raises(pipeline.WorkdirError, match="train.epochs: 2 in the workdir, 3 now"):
+    linfjax.run(other, workdir)
+
+
+def test_load_run_gives_back_the_runs_results_models_and_trigger(tiny_run, tmp_path):
+  config, workdir, _ = tiny_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
   loaded = linfjax.load_run(workdir)
   assert loaded.results == on_disk
   assert loaded.config.to_json() == config.to_json()
