@@ -55,15 +55,19 @@ def trigger_block():
   return settings.block(*owners())
 
 
-def check(trigger_block_, poison_mode: str) -> None:
-  """Checks the `trigger` block without data: ConfigError naming the field."""
+def check(trigger_block_, poison_mode: str | None) -> None:
+  """Checks the `trigger` block without data: ConfigError naming the field.
+
+  `poison_mode` is the `poison` block's mode, which clean-label poisoning must agree with;
+  None checks the trigger alone (a trigger built outside a run's config).
+  """
   Settings.check_block(trigger_block_, "trigger")
   attack = ATTACKS[trigger_block_.kind]
   shared = {owner for owner in owners() if owner is not Settings}
   for owner in shared:
     owner.check_block(trigger_block_, "trigger")
   attack.check(attack.settings.from_config(trigger_block_), "trigger")
-  if trigger_block_.clean_label and poison_mode != "all_to_one":
+  if trigger_block_.clean_label and poison_mode not in (None, "all_to_one"):
     fail("trigger.clean_label", f"clean-label poisoning keeps the labels, so it needs "
          f"poison.mode='all_to_one' (got {poison_mode!r}); set trigger.clean_label=False for "
          "all-to-all")

@@ -168,6 +168,16 @@ def poison(images: np.ndarray, labels: np.ndarray, trigger: attacks.AnyTrigger, 
   return PoisonedSet(images, new_labels, flags, indices, noise_flags, noise_indices)
 
 
+def from_config(images: np.ndarray, labels: np.ndarray, trigger: attacks.AnyTrigger, *,
+                poison_block, trigger_block, num_classes: int, seed: int) -> PoisonedSet:
+  """`poison` as a config asks: its `poison` block (rate, target, mode, stamp) and the
+  poisoning fields of its `trigger` block (`clean_label`, WaNet's `cross_ratio`)."""
+  return poison(images, labels, trigger, rate=poison_block.rate, target=poison_block.target,
+                mode=poison_block.mode, stamp=poison_block.stamp, num_classes=num_classes,
+                seed=seed, clean_label=trigger_block.clean_label,
+                cross_ratio=trigger_block.cross_ratio)
+
+
 def clean(images: np.ndarray, labels: np.ndarray) -> PoisonedSet:
   """The vanilla model's training set: the same images, nothing poisoned."""
   return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),

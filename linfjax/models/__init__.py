@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,27 @@ def create(name: str, **kwargs) -> LayeredClassifier:
   return MODELS[name](**kwargs)
 
 
+def from_config(model_block, *, num_classes: int,
+                channel_stats: tuple[Sequence[float], Sequence[float]],
+                compute_dtype: str = "float32", **overrides) -> LayeredClassifier:
+  """The model a config's `model` block describes, through `create` (so shared).
+
+  Args:
+    model_block: a config's `model` block (name, width, probe layers, head pooling).
+    num_classes: the dataset's classes.
+    channel_stats: (mean, std) per channel of the training images in [0, 1], the model's
+      input normalisation (`Dataset.channel_stats`).
+    compute_dtype: the `train` block's compute dtype.
+    **overrides: other `create` arguments, e.g. `probe_layers`.
+  """
+  mean, std = channel_stats
+  kwargs = dict(num_classes=num_classes, width=model_block.width, mean=tuple(mean),
+                std=tuple(std), probe_layers=tuple(model_block.probe_layers),
+                head_pool=model_block.head_pool, dtype=jnp.dtype(compute_dtype))
+  kwargs.update(overrides)
+  return create(model_block.name, **kwargs)
+
+
 def layer_names(model: LayeredClassifier) -> tuple[str, ...]:
   """The model's layer names in order, without initialising it."""
   return tuple(name for name, _ in model.layer_plan())
@@ -93,4 +114,4 @@ def init(model: LayeredClassifier, key: jax.Array, image_shape) -> dict:
 
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "HEAD_POOLS", "MODELS", "LayeredClassifier", "Masks",
-           "Settings", "check_layers", "create", "init", "layer_names"]
+           "Settings", "check_layers", "create", "from_config", "init", "layer_names"]

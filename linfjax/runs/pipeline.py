@@ -129,6 +129,43 @@ def read_results(workdir: str) -> dict | None:
   return _read_json(path) if os.path.exists(path) else None
 
 
+def _as_tuples(value):
+  """JSON's lists back into the tuples a config holds (config.json writes tuples as lists)."""
+  if isinstance(value, list):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+def _merge(block: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(block.get(key), ml_collections.ConfigDict):
+      _merge(block[key], value)
+    else:
+      block[key] = _as_tuples(value)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run directory was run with, from its config.json.
+
+  The saved values over `config.base_config()`, tuples as tuples, so the result is the
+  config the run was started with: `check_workdir` accepts it for this workdir.
+
+  Raises:
+    WorkdirError: when `workdir` holds no config.json or an unreadable one.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise WorkdirError(f"{workdir}: no config.json, so not a run directory; `python -m "
+                       "linfjax.main --config=... --workdir=DIR` creates one")
+  saved = _read_json(path)
+  if not isinstance(saved, dict):
+    raise WorkdirError(f"{path}: holds a {type(saved).__name__}, not a config; the run "
+                       "directory is damaged: use a new --workdir")
+  config = config_lib.base_config()
+  _merge(config, saved)
+  return config
+
+
 def is_finished(config: ml_collections.ConfigDict, workdir: str) -> bool:
   results = read_results(workdir)
   return results is not None and all(stage in results for stage in config.stages)

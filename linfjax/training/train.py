@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from linfjax import errors, keys, pixels, settings
+from linfjax import errors, keys, models, pixels, settings
 from linfjax.settings import boolean, choice, integer, number, spec
 from linfjax import attacks
 from linfjax.attacks import poison
@@ -106,6 +106,23 @@ def _optimizer(learning_rate: float, momentum: float, weight_decay: float, neste
 def create_state(model, variables, tx) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+
+def initial_state(model: models.LayeredClassifier, train_config, *,
+                  image_shape: tuple[int, int, int], num_examples: int, seed: int) -> TrainState:
+  """A run's model before its first step: weights drawn from the seed's TRAIN_INIT stream,
+  and the `train` block's optimizer with its cosine decay over the whole run.
+
+  Args:
+    model: the classifier to train.
+    train_config: a config's `train` block (epochs, batch size, SGD settings).
+    image_shape: (H, W, C) of the training images.
+    num_examples: training examples per epoch (the decay's length counts full batches).
+    seed: the run's seed (linfjax/keys.py).
+  """
+  total_steps = train_config.epochs * steps_per_epoch(num_examples, train_config.batch_size)
+  variables = models.init(model, keys.run_key(seed, keys.TRAIN_INIT), image_shape)
+  return create_state(model, variables, make_optimizer(train_config, total_steps))
 
 
 

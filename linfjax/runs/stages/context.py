@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -41,13 +40,9 @@ class RunContext:
 
   def model(self, **overrides) -> models.LayeredClassifier:
     """The config's model for this dataset (normalised with the training images' statistics)."""
-    mean, std = self.dataset.channel_stats
-    kwargs = dict(num_classes=self.dataset.num_classes, width=self.config.model.width,
-                  mean=mean, std=std, probe_layers=tuple(self.config.model.probe_layers),
-                  head_pool=self.config.model.head_pool,
-                  dtype=jnp.dtype(self.config.train.compute_dtype))
-    kwargs.update(overrides)
-    return models.create(self.config.model.name, **kwargs)
+    return models.from_config(self.config.model, num_classes=self.dataset.num_classes,
+                              channel_stats=self.dataset.channel_stats,
+                              compute_dtype=self.config.train.compute_dtype, **overrides)
 
   @property
   def train_images(self) -> np.ndarray:

@@ -63,22 +63,17 @@ def training_sets(ctx: RunContext) -> dict[str, poison.PoisonedSet]:
   """The backdoored model's poisoned training set and the vanilla model's clean one."""
   cfg = ctx.config
   return {
-      "backdoored": poison.poison(
-          ctx.train_images, ctx.train_labels, ctx.trigger, rate=cfg.poison.rate,
-          target=cfg.poison.target, mode=cfg.poison.mode, stamp=cfg.poison.stamp,
-          num_classes=ctx.dataset.num_classes, seed=cfg.seed,
-          clean_label=cfg.trigger.clean_label, cross_ratio=cfg.trigger.cross_ratio),
+      "backdoored": poison.from_config(
+          ctx.train_images, ctx.train_labels, ctx.trigger, poison_block=cfg.poison,
+          trigger_block=cfg.trigger, num_classes=ctx.dataset.num_classes, seed=cfg.seed),
       "vanilla": poison.clean(ctx.train_images, ctx.train_labels),
   }
 
 
 def _initial_state(ctx: RunContext, num_examples: int):
   model = ctx.model()
-  cfg = ctx.config.train
-  total_steps = cfg.epochs * train.steps_per_epoch(num_examples, cfg.batch_size)
-  init_key = keys.run_key(ctx.config.seed, keys.TRAIN_INIT)
-  variables = models.init(model, init_key, ctx.dataset.image_shape)
-  return model, train.create_state(model, variables, train.make_optimizer(cfg, total_steps))
+  return model, train.initial_state(model, ctx.config.train, image_shape=ctx.dataset.image_shape,
+                                    num_examples=num_examples, seed=ctx.config.seed)
 
 
 def checkpoint_dir(workdir: str, kind: str) -> str:
