@@ -1,6 +1,6 @@
 """linfjax: backdoored and vanilla classifiers, their activation norms, and linf-based pruning.
 
-The API (linfjax/api.py), one function per step of the paper's pipeline:
+The API (linfjax/api/), one function per step of the paper's pipeline:
   load_dataset(config)                      the config's data: uint8 images, int labels
   clean_set(dataset, size=, seed=)          the defender's clean set S, held out of training
   make_attack("patch", image_shape)         a trigger ("patch", "blend", "sig", "wanet")

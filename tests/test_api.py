@@ -1,4 +1,4 @@
-"""The API (linfjax/api.py), one test per verb, each against an independent computation:
+"""The API (linfjax/api/), one test per verb, each against an independent computation:
 the pipeline's own run directory, NumPy on the model's activations, or values by hand."""
 
 import json
