@@ -145,23 +145,15 @@ def make_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.path = SHARED_SUBSET
   config.model.name = "cnn"
   config.model.width = 1.0
-  config.train.epochs = 10
-  config.train.learning_rate = 0.05
   # Ours, from an independent reference recipe and measured over 5 seeds (docs/results.md,
   # "Defaults we chose"): mirrored crop padding, Nesterov momentum, and a 2x2 max-pool
   # before the global average.
-  config.train.padding_mode = "reflect"
-  config.train.nesterov = True
+  config.train.update(epochs=10, learning_rate=0.05, padding_mode="reflect", nesterov=True)
   config.model.head_pool = "max2_avg"
   # Ours: both models' reverse engineering in about a minute and a half each on 2 CPU cores
   # (docs/results.md has the budget curve these come from).
-  config.reverse.steps = 16
-  config.reverse.mini_batches = 4
-  config.reverse.batch_size = 16
-  config.reverse.patience = 8
-  config.reverse.success_images = 128
-  config.reverse.early_stop_patience = 20
-  config.reverse.checkpoint_every = 4
+  config.reverse.update(steps=16, mini_batches=4, batch_size=16, patience=8, success_images=128,
+                        early_stop_patience=20, checkpoint_every=4)
   # Ours: keeps the prune stage, fine-tuning included, near a minute on 2 CPU cores.
   config.prune.fine_tune.epochs = 2
   # Ours: ANP at a tenth of the authors' 2000 updates (still ~50 passes over S); only runs

@@ -23,7 +23,7 @@ from typing import Sequence
 from absl import app, flags
 
 from linfjax import errors
-from linfjax.reports import grid_report
+from linfjax.reports import grid_report, html
 
 _SOURCE = flags.DEFINE_enum("source", "synthetic", list(grid_report.PRUNE_SOURCES),
                             "which trigger the defenses used")
@@ -66,9 +66,7 @@ def markdown(rows: Sequence[dict[str, str]], *, source: str = "synthetic",
     raise DefenseTableError(f"no defense {unknown} under prune.{source}; the grid has "
                             f"{available or 'none'}")
   chosen = list(methods) or available
-  lines = ["| " + " | ".join([*groups, "runs", "CA before", "ASR before", "flagged",
-                              *chosen]) + " |",
-           "|" + " --- |" * (len(groups) + 4 + len(chosen))]
+  table_rows = []
   for row in rows:
     cells = [row[g] for g in groups] + [row["finished"],
                                         _mean_sd(row, "train.backdoored.CA"),
@@ -76,8 +74,9 @@ def markdown(rows: Sequence[dict[str, str]], *, source: str = "synthetic",
                                         row.get("reverse.flagged.counts") or "-"]
     cells += [f"{_mean_sd(row, f'prune.{source}.{m}.ASR_real')} "
               f"({_mean_sd(row, f'prune.{source}.{m}.CA')})" for m in chosen]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    table_rows.append(cells)
+  return html.markdown([*groups, "runs", "CA before", "ASR before", "flagged", *chosen],
+                       table_rows)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from linfjax import errors, files
 from linfjax.detection import outliers, rates
+from linfjax.reports import html
 
 
 def read_models(run: str) -> list[rates.Model]:
@@ -70,9 +71,7 @@ def table(calibration: list[rates.Model], held_out: dict[str, list[rates.Model]]
                      "-" if counted.auroc is None else f"{counted.auroc:.3f}"))
   header = ("statistic", "threshold", "models", "target flagged", "wrong class flagged",
             "vanilla flagged", "AUROC")
-  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-  lines += ["| " + " | ".join(row) + " |" for row in rows]
-  return "\n".join(lines) + "\n", numbers
+  return html.markdown(header, rows) + "\n", numbers
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1,4 +1,5 @@
-"""The HTML pieces every report page shares: its style, escaping, tables, notes, images."""
+"""The pieces every report shares: the HTML page's style, escaping, tables, notes, images, and
+Markdown tables for the command-line summaries."""
 
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, text_columns:
   body = "".join("<tr>" + "".join(cell("td", i, text(i, v)) for i, v in enumerate(row))
                  + "</tr>" for row in rows)
   return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+  """A Markdown table of cells already formatted as text."""
+  lines = ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)]
+  lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+  return "\n".join(lines)
 
 
 def note(text: str) -> str:

@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Iterable
 
+from linfjax.reports import html
 from linfjax.reports import results as results_lib
 
 # Leaves named so are labels (a seed, a class index), not quantities: counted, never averaged.
@@ -108,29 +109,25 @@ def paired_differences(results: Iterable[dict]) -> list[dict]:
 
 
 def paired_table(rows: list[dict]) -> str:
-  lines = ["| source | difference | per run | mean | first better in |",
-           "| --- | --- | --- | --- | --- |"]
-  for row in rows:
-    per_run = ", ".join(f"{d:+.1f}" for d in row["differences"])
-    lines.append(f"| {row['source']} | {row['key']}: {row['first']} - {row['second']} | "
-                 f"{per_run} | {row['mean']:+.2f} | {row['first_better']} of {row['n']} |")
-  return "\n".join(lines)
+  return html.markdown(
+      ["source", "difference", "per run", "mean", "first better in"],
+      ([row["source"], f"{row['key']}: {row['first']} - {row['second']}",
+        ", ".join(f"{d:+.1f}" for d in row["differences"]), f"{row['mean']:+.2f}",
+        f"{row['first_better']} of {row['n']}"] for row in rows))
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-  lines = ["| result | mean | std | min | max | runs |", "| --- | --- | --- | --- | --- | --- |"]
-  for path, s in summary.items():
-    runs = f"{s['n']}" if s["n"] == s.get("runs", s["n"]) else f"{s['n']} of {s['runs']}"
-    lines.append(f"| {path} | {s['mean']:.2f} | {s['std']:.2f} | {s['min']:.2f} | "
-                 f"{s['max']:.2f} | {runs} |")
-  return "\n".join(lines)
+  return html.markdown(
+      ["result", "mean", "std", "min", "max", "runs"],
+      ([path, f"{s['mean']:.2f}", f"{s['std']:.2f}", f"{s['min']:.2f}", f"{s['max']:.2f}",
+        f"{s['n']}" if s["n"] == s.get("runs", s["n"]) else f"{s['n']} of {s['runs']}"]
+       for path, s in summary.items()))
 
 
 def counts_table(counts: dict[str, dict[str, int]]) -> str:
-  lines = ["| label | runs per value |", "| --- | --- |"]
-  for path, counter in counts.items():
-    lines.append(f"| {path} | {', '.join(f'{v}: {n}' for v, n in counter.items())} |")
-  return "\n".join(lines)
+  return html.markdown(["label", "runs per value"],
+                       ([path, ", ".join(f"{v}: {n}" for v, n in counter.items())]
+                        for path, counter in counts.items()))
 
 
 def main(argv: list[str]) -> int:

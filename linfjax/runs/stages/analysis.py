@@ -24,21 +24,17 @@ under the real trigger and the attention.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
 
-import jax
 import numpy as np
 from absl import logging
 
-from linfjax.reports import figures
-from linfjax import files, pixels
-from linfjax.detection import gradcam, norms
-from linfjax import models
-from linfjax import attacks
+from linfjax import attacks, files, fingerprint, models, pixels
 from linfjax.attacks import poison
+from linfjax.detection import gradcam, norms
+from linfjax.reports import figures
 from linfjax.runs.stages import reverse as reverse_stage
 from linfjax.runs.stages import train as train_stage
 from linfjax.runs.stages.context import RunContext
@@ -83,26 +79,16 @@ def _attention_inputs(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(pixels.to_unit_float(images[chosen])), attack[chosen].astype(np.int32)
 
 
-def _digest(arrays) -> str:
-  """SHA-256 of arrays' shapes, dtypes and bytes, in order."""
-  digest = hashlib.sha256()
-  for array in arrays:
-    array = np.asarray(array)
-    digest.update(f"{array.shape}{array.dtype}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()
-
-
 def _fingerprint(ctx: RunContext, variables, layers, conditions) -> str:
   """What a saved model file was computed from (weights, S, triggers, settings); a mismatch
   means recompute, so a model retrained in place is never matched with old numbers."""
   images, labels = ctx.clean_set
-  return json.dumps({
-      "layers": list(layers), "conditions": list(conditions),
-      "triggers": _digest(array for trigger in conditions.values() for array in trigger),
-      "weights": _digest(jax.tree.leaves(variables)),
-      "clean_set": _digest([ctx.split.clean_set_indices, images, labels]),
-      "attention_images": ATTENTION_IMAGES, "norms": list(norms.NORMS)})
+  return fingerprint.fingerprint(
+      layers=list(layers), conditions=list(conditions),
+      triggers=fingerprint.digest(array for trigger in conditions.values() for array in trigger),
+      weights=fingerprint.tree_digest(variables),
+      clean_set=fingerprint.digest([ctx.split.clean_set_indices, images, labels]),
+      attention_images=ATTENTION_IMAGES, norms=list(norms.NORMS))
 
 
 def _analyse_model(ctx, kind, variables, apply_fn, layers, conditions,
