@@ -4,11 +4,13 @@ features form their own, smaller cluster.
 
 For each class, the penultimate features are reduced to `dims` (10) dimensions, split into two
 clusters by k-means, and the smaller cluster is flagged when its share of the class is below
-`size_threshold` (0.35). This follows the paper and BackdoorBench's defense/ac.py (after IBM
-ART's ClusteringHandler: FastICA to 10 dims, sklearn KMeans, the "size" analysis). What differs:
-the reduction is PCA (the top right-singular vectors of the centred class features), not FastICA,
-and k-means is our NumPy k-means++ with Lloyd iterations, `restarts` seeded starts keeping the
-lowest inertia; no sklearn is needed, and the result is deterministic for a seed.
+`size_threshold` (0.35). This follows the paper and BackdoorBench's defense/ac.py (at 3f4b1a9,
+after IBM ART's ClusteringHandler and ClusteringAnalyzer): PCA to 10 dims (ac.py passes
+reduce='PCA'; ART's default, FastICA, is not used here either), 2-means, the "smaller" (size)
+analysis. What differs: ac.py clusters each loader batch of `cluster_batch_size` images on its
+own and concatenates the cluster ids, while this clusters each class's whole feature set; and
+k-means is our NumPy k-means++ with Lloyd iterations, `restarts` seeded starts keeping the
+lowest inertia, not sklearn's KMeans, so the result is deterministic for a seed.
 """
 
 from __future__ import annotations

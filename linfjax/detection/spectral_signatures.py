@@ -4,10 +4,13 @@ trace along the top singular direction of their class's centred features.
 For each class `c` with features `F_c` ([n_c, D], penultimate layer), centre them,
 `G = F_c - mean(F_c)`, take the top right-singular vector `v` of `G` and score every example
 by its squared projection `(G v)^2`; the `floor(1.5 * eps * n_c)` highest scores of the class
-are flagged, with `eps` the expected poison fraction. This follows the paper and BackdoorBench's
-defense/spectral.py (which score by `|G v|`, ranking the same); what differs: every class is
-scanned (the references can restrict to the target class: pass `classes`), and the flagged
-indices are returned rather than a retrained model.
+are flagged, with `eps` the expected poison fraction. This follows the paper (its score is the
+squared correlation of the *centred* example with `v`). BackdoorBench's defense/spectral.py
+(at 1d8e4bc) differs: it projects the uncentred features on `v` and scores `|F v|` (which
+ranks like ours only when the class mean is orthogonal to `v`), flags the scores above its
+config's `percentile`, takes the flattened last-block map rather than the pooled features, and
+scans the target class(es) or all; here every class is scanned unless `classes` is given, and
+the flagged indices are returned rather than a retrained model.
 """
 
 from __future__ import annotations

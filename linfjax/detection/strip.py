@@ -3,12 +3,14 @@ ACSAC 2019): a triggered input keeps its (target) prediction whatever it is blen
 its predictions under perturbation have low entropy.
 
 Each input `x` is superimposed with `N` clean images `c_i` drawn from a held-out pool,
-`0.5 x + 0.5 c_i` (the reference's alpha blend), and scored by the mean over `i` of the
-Shannon entropy (base 2, as the authors' code) of the prediction on each blend. The threshold
-is the `frr` quantile (default 1 %) of the entropies of clean inputs, so about that share of
-clean inputs is rejected; inputs below it are flagged. FRR and FAR (`data_features.frr_far`)
-are the shares of clean inputs flagged and of triggered inputs missed. Follows the paper and
-BackdoorBench's detection_infer/strip.py; what differs: the overlays are drawn by a NumPy seed
+`0.5 x + 0.5 c_i` (an alpha blend), and scored by the mean over `i` of the Shannon entropy
+(base 2) of the prediction on each blend. The threshold is the `frr` quantile (default 1 %) of
+the entropies of clean inputs, so about that share of clean inputs is rejected; inputs below
+it are flagged. FRR and FAR (`data_features.frr_far`) are the shares of clean inputs flagged
+and of triggered inputs missed. Follows the paper; BackdoorBench's detection_infer/strip.py
+(at 3f4b1a9) differs: it superimposes by addition, `x + alpha c` with alpha 1 and no
+clipping, uses the natural log (a change of base scales every entropy alike, so the flags are
+the same), N = 100 and a 10 % clean-set quantile. Here the overlays are drawn by a NumPy seed
 (with replacement), and `predict_fn` is any function of float images in [0, 1] returning
 probabilities, so it is tested without a model.
 """
