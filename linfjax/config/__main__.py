@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from linfjax import attacks, config as config_lib, data, defenses, models
-from linfjax.detection import outliers
+from linfjax.detection import detectors, outliers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,8 @@ def registries() -> str:
       ("Detection statistics (reverse.statistic)",
        {name: f"{statistic.description}; flags above {statistic.default_threshold}"
         for name, statistic in outliers.STATISTICS.items()}),
+      ("Data-side detectors (linfjax.detection.detectors, called from Python)",
+       {name: detector.description for name, detector in detectors.DETECTORS.items()}),
       ("Models (model.name)", {name: (cls.__doc__ or "").strip().splitlines()[0]
                                for name, cls in models.MODELS.items()}),
       ("Data sources (data.source)", {name: source.needs
