@@ -58,12 +58,14 @@ def test_sam_step_matches_numpy_on_a_quadratic():
   updates, _ = tx.update(grads, tx.init(params))
   stepped = optax.apply_updates(params, updates)
   np.testing.assert_allclose(float(loss), 0.5 * flat @ a @ flat + b @ flat, rtol=1e-5)
-  np.testing.assert_allclose(np.concatenate([stepped["x"], stepped["y"]]), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.concatenate([stepped["x"], stepped["y"]]), want,
+                             rtol=1e-5, atol=1e-6)
   assert not np.allclose(sharp, g)  # The perturbation matters: plain SGD would differ.
 
 
 def _inputs():
-  model = models.create("cnn", num_classes=4, width=0.125, probe_layers=("conv2_2", "conv3_2"))
+  model = models.create("cnn", num_classes=4, width=0.125,
+                        probe_layers=("conv2_2", "conv3_2"))
   variables = models.init(model, jax.random.key(0), (16, 16, 3))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)

@@ -8,7 +8,8 @@ minimum of the clean loss forgets it.
 
 Follows Zhu et al., "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware
 Minimization", ICCV 2023, as BackdoorBench's defense/ft-sam.py (SCLBD/BackdoorBench at
-f02e353; not checked line by line here): fine-tuning on the clean data with a SAM optimizer wrapping SGD.
+f02e353; not checked line by line here): fine-tuning on the clean data with a SAM
+optimizer wrapping SGD.
 Differences: the plain (non-adaptive) SAM perturbation, `rho` default 0.05 (Foret et al.'s;
 BackdoorBench's config sets its own rho, and the paper's adaptive variant scales `e` by |w|);
 batch-norm statistics are updated from the first (unperturbed) pass only; epochs, rate and

@@ -11,8 +11,8 @@ The teacher runs in evaluation mode and receives no gradient.
 
 Follows Li et al., "Neural Attention Distillation: Erasing Backdoor Triggers from Deep
 Neural Networks", ICLR 2021, as BackdoorBench's defense/nad.py (SCLBD/BackdoorBench at
-f02e353; not checked line by line here): attention map with p = 2 (its `p`), the mean squared distance of
-normalised maps (its AT loss), teacher tuned on the clean data first.
+f02e353; not checked line by line here): attention map with p = 2 (its `p`), the mean
+squared distance of normalised maps (its AT loss), teacher tuned on the clean data first.
 Differences: one `beta` for every probed layer (the reference weighs ResNet's layer2/3/4 by
 500/1000/1000; linfjax's default 1000 is the deeper layers' weight, and the layers are the
 model's probe layers, not fixed block names); the teacher's and the student's epochs, rate and
