@@ -18,6 +18,8 @@ REVERSE = 2  # Neural Cleanse's initial masks and patterns, and its batches.
 FINE_TUNE = 3  # Every fine-tuning on S (shuffles, augmentation).
 ANP = 4  # ANP's batches, augmentation and noise.
 NC_UNLEARNING = 5  # Which images of S unlearning stamps, its shuffles and augmentation.
+FT_SAM = 6  # FT-SAM's shuffles and augmentation on S.
+NAD = 7  # NAD's student tuning on S (its teacher is FINE_TUNE's).
 # Folded into a training step's key for WaNet's noise-mode noise (apart from augmentation).
 NOISE_MODE = 1
 

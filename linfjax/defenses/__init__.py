@@ -14,7 +14,7 @@ import dataclasses
 
 from linfjax import settings
 from linfjax.defenses import anp, clp, fine_pruning, fine_tuning, lp_pruning, multi_layer
-from linfjax.defenses import nc_unlearning
+from linfjax.defenses import ft_sam, nad, nc_unlearning
 from linfjax.defenses.base import Curve, Defense, Inputs, Record, Work
 
 DEFENSES: dict[str, Defense] = {
@@ -38,6 +38,8 @@ DEFENSES: dict[str, Defense] = {
     "anp": anp.ANP,
     "clp": clp.CLP,
     "nc_unlearning": nc_unlearning.NC_UNLEARNING,
+    "nad": nad.NAD,
+    "ft_sam": ft_sam.FT_SAM,
 }
 # What a run defends with by default: for the synthetic trigger, the paper's rows, their
 # fine-tuned models, several layers and the fine-tuning control; for the real trigger
@@ -45,7 +47,7 @@ DEFENSES: dict[str, Defense] = {
 DEFAULT_SYNTHETIC = ("linf", "linf_ft", "l2", "l2_ft", "l1", "l1_ft", "fine_pruning",
                      "linf_layers", "linf_layers_ft", "fine_tuning")
 DEFAULT_REAL = ("linf", "l2", "l1", "fine_pruning")
-BASELINES = ("anp", "clp", "nc_unlearning")
+BASELINES = ("anp", "clp", "nc_unlearning", "nad", "ft_sam")
 
 
 @dataclasses.dataclass(frozen=True)
