@@ -15,9 +15,11 @@ import dataclasses
 from typing import Any
 
 from linfjax import settings
-from linfjax.attacks import mask_pattern, sig, wanet
+from linfjax.attacks import bpp, ftrojan, mask_pattern, sig, wanet
 from linfjax.attacks.base import (Attack, TriggerError, TriggerLike, apply, apply_noise_mode,
                                   region)
+from linfjax.attacks.bpp import Quantized
+from linfjax.attacks.ftrojan import Frequency
 from linfjax.attacks.mask_pattern import (Trigger, blend, checkerboard_pattern, noise_pattern,
                                           patch, solid_pattern)
 from linfjax.attacks.sig import Signal
@@ -29,10 +31,12 @@ ATTACKS: dict[str, Attack] = {
     "blend": mask_pattern.BLEND,
     "sig": sig.SIG,
     "wanet": wanet.WANET,
+    "bpp": bpp.BPP,
+    "ftrojan": ftrojan.FTROJAN,
 }
 # What `trigger=NAME` sets in a grid, and what configs/cifar_<NAME>.py use.
 PRESETS = {name: attack.preset for name, attack in ATTACKS.items()}
-AnyTrigger = Trigger | Signal | Warp
+AnyTrigger = Trigger | Signal | Warp | Quantized | Frequency
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +101,7 @@ def has_region(trigger_block_) -> bool:
 
 
 __all__ = [
-    "ATTACKS", "AnyTrigger", "Attack", "PRESETS", "Settings", "Signal", "Trigger", "TriggerError",
+    "ATTACKS", "AnyTrigger", "Attack", "Frequency", "Quantized", "PRESETS", "Settings", "Signal", "Trigger", "TriggerError",
     "TriggerLike", "Warp", "apply", "apply_noise_mode", "blend", "check", "check_data",
     "checkerboard_pattern", "from_config", "has_region", "noise_pattern", "patch", "region",
     "solid_pattern", "trigger_block",
