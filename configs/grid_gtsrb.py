@@ -11,8 +11,6 @@ from linfjax import config as config_lib
 
 
 def get_config(variant: str = "quick"):
-  config = config_lib.apply_variant(config_lib.base_config(), variant)
-  config.trigger.update(config_lib.TRIGGER_PRESETS["patch"])
-  config_lib.use_gtsrb(config, variant)
+  config = config_lib.gtsrb_patch(variant)
   config.sweep.axes = "seed=0,1,2,3,4,5"
   return config

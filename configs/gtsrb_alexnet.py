@@ -15,6 +15,4 @@ from linfjax import config as config_lib
 
 
 def get_config(variant: str = ""):
-  config = config_lib.apply_variant(config_lib.base_config(), variant)
-  config.trigger.update(config_lib.TRIGGER_PRESETS["patch"])
-  return config_lib.use_gtsrb_alexnet(config, variant)
+  return config_lib.gtsrb_patch(variant, network="alexnet")

@@ -197,6 +197,16 @@ def use_gtsrb_alexnet(config: ml_collections.ConfigDict,
   return config
 
 
+def gtsrb_patch(variant: str, network: str = "cnn") -> ml_collections.ConfigDict:
+  """The paper's experiment: BadNets' patch on GTSRB as it ships, with the small CNN
+  (`network="cnn"`, `use_gtsrb`) or the AlexNet-style net (`"alexnet"`, `use_gtsrb_alexnet`)."""
+  config = apply_variant(base_config(), variant)
+  config.trigger.update(TRIGGER_PRESETS["patch"])
+  if network == "alexnet":
+    return use_gtsrb_alexnet(config, variant)
+  return use_gtsrb(config, variant)
+
+
 def apply_protocol(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """Sets every field of protocol `name` and records it in `config.protocol`."""
   if name not in PROTOCOLS:
