@@ -41,13 +41,14 @@ def test_methods_pick_and_order_and_unknown_ones_are_named(grid_dir):
     defense_table.markdown(rows, methods=["anp"])
 
 
-def test_command_line_prints_the_table_and_fails_clearly(grid_dir, tmp_path):
+def test_command_line_prints_the_table_and_fails_clearly(grid_dir, tmp_path, capsys):
   done = subprocess.run([sys.executable, "-m", "linfjax.reports.defense_table", grid_dir,
                          "--methods=linf"], cwd=REPO_ROOT, capture_output=True, text=True,
                         timeout=60, check=False)
   assert done.returncode == 0, done.stderr
   assert done.stdout.splitlines()[2].endswith("| 9.2 ± 0.3 (60.0 ± 1.4) |")
   missing = str(tmp_path / "nothing")
-  with pytest.raises(SystemExit, match="aggregates.csv: not found"):
+  with pytest.raises(SystemExit) as exited:
     defense_table.main(["defense_table", missing])
+  assert exited.value.code == 2 and "aggregates.csv: not found" in capsys.readouterr().err
   assert not os.path.exists(missing)

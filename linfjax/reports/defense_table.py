@@ -1,6 +1,7 @@
 """One Markdown table of a grid's defenses side by side, from its aggregates.csv.
 
     python -m linfjax.reports.defense_table GRID_DIR [--source=synthetic] [--methods=linf,anp,...]
+    python -m linfjax.reports.defense_table GRID_DIR --bench [--out=DIR] [--source=...] [--methods=...]
 
 A row per combination of the grid's non-seed axes (aggregates.csv's groups, written by
 `linfjax.reports.grid_report` at the end of every grid): finished runs of the group, the backdoored
@@ -10,6 +11,13 @@ runs), then each defense's ASR after it, with its CA after in brackets. Every nu
 The defenses are the pruning methods of `prune.<source>` in results.json's order (linf, l2,
 l1, Fine-Pruning, ..., anp, clp, nc_unlearning), or those `--methods` names, in its order.
 The HTML grid report shows the same numbers with 95 % CIs.
+
+`--bench` turns the table around (linfjax/reports/bench_table.py; configs/grid_bench.py): a
+row per group (attack), a column per defense, each cell CA / ASR / DER after the defense over
+the seeds the grid plans, read from the runs' files rather than aggregates.csv, so that a
+grid still running shows its missing cells, and a cell without a number says why. It prints
+the Markdown and writes it with an HTML page and heat maps to DIR (default GRID_DIR).
+An error is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ from typing import Sequence
 from absl import app, flags
 
 from linfjax import errors
-from linfjax.reports import grid_report, html
+from linfjax.reports import bench_table, grid_report, html
 
 _SOURCE = flags.DEFINE_enum("source", "synthetic", list(grid_report.PRUNE_SOURCES),
                             "which trigger the defenses used")
 _METHODS = flags.DEFINE_list("methods", [], "defenses to show, in order (default: all)")
+_BENCH = flags.DEFINE_bool("bench", False, "a row per attack, a column per defense, over the "
+                           "planned seeds, with heat maps (linfjax/reports/bench_table.py)")
+_OUT = flags.DEFINE_string("out", "", "--bench: where to write the table and heat maps "
+                           "(default: GRID_DIR)")
 
 
 class DefenseTableError(errors.UserError, ValueError):
@@ -82,11 +94,22 @@ def markdown(rows: Sequence[dict[str, str]], *, source: str = "synthetic",
 def main(argv: Sequence[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError("usage: python -m linfjax.reports.defense_table GRID_DIR [--source=...] "
-                         "[--methods=...]")
+                         "[--methods=...] [--bench [--out=DIR]]")
   try:
-    print(markdown(read_aggregates(argv[1]), source=_SOURCE.value, methods=_METHODS.value))
-  except DefenseTableError as e:
-    sys.exit(f"error: {e}")
+    if flags.FLAGS.is_parsed() and _BENCH.value:
+      table = bench_table.build(argv[1], source=_SOURCE.value, methods=_METHODS.value)
+      title = f"{os.path.basename(os.path.abspath(argv[1]))}: attacks x defenses"
+      written = bench_table.write(table, _OUT.value or argv[1], title=title)
+      print(bench_table.markdown(table))
+      print("\nwrote " + ", ".join(written), file=sys.stderr)
+    else:
+      print(markdown(read_aggregates(argv[1]), source=_SOURCE.value, methods=_METHODS.value))
+  except (errors.UserError, OSError) as e:
+    error = errors.from_os_error(e) if isinstance(e, OSError) else e
+    if error is None:
+      raise
+    print(f"error: {errors.one_line(error)}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Figures a person looks at: norm-shift histograms, activation maps, Grad-CAM panels,
-pruning curves.
+pruning curves, heat maps of a table.
 
 Each function takes plain arrays and returns a matplotlib `Figure` drawn on the Agg
 canvas (no pyplot, no display, no global backend switch); `save` writes one as PNG.
@@ -13,11 +13,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import patheffects
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from linfjax import files
 
 MODEL_COLORS = {"backdoored": "tab:red", "vanilla": "tab:blue"}
+_OUTLINE = [patheffects.withStroke(linewidth=1.5, foreground="black")]
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -196,4 +199,35 @@ def mean_ci_lines(x: Sequence, panels: Mapping[str, Mapping[str, tuple[np.ndarra
     if p == 0:
       axes.legend(fontsize="small")
   figure.suptitle(title)
+  return figure
+
+
+def heatmap(values: np.ndarray, texts: Sequence[Sequence[str]], rows: Sequence[str],
+            columns: Sequence[str], *, title: str, cmap: str = "viridis") -> Figure:
+  """A table of percentages as coloured cells (0-100), each labelled with its text.
+
+  Args:
+    values: [rows, columns] numbers; NaN where a cell has none: drawn grey and hatched.
+    texts: [rows][columns] each cell's label (the number, or why there is none).
+    rows, columns: the labels along the y and the x axis.
+    title: the figure's title.
+    cmap: a matplotlib colormap name for the numbers.
+  """
+  values = np.asarray(values, float)
+  figure = _figure(1.2 + 1.1 * len(columns), 1.3 + 0.55 * len(rows))
+  axes = figure.add_subplot(1, 1, 1)
+  image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=100.0,
+                      aspect="auto")
+  for i, j in zip(*np.nonzero(np.isnan(values))):
+    axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", edgecolor="0.55",
+                             hatch="//", linewidth=0))
+  for i in range(values.shape[0]):
+    for j in range(values.shape[1]):
+      axes.text(j, i, texts[i][j], ha="center", va="center", fontsize="x-small",
+                color="black" if np.isnan(values[i, j]) else "white",
+                path_effects=None if np.isnan(values[i, j]) else _OUTLINE)
+  axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+  axes.set_yticks(range(len(rows)), rows)
+  figure.colorbar(image, ax=axes, fraction=0.04)
+  axes.set_title(title)
   return figure
