@@ -9,7 +9,11 @@ import sys
 import numpy as np
 import pytest
 
+from linfjax import attacks, defenses
+from linfjax import config as config_lib
 from linfjax.reports import bench_table, defense_table, figures
+from linfjax.runs import grid
+from test_config import _load_config_file
 from test_grid_report import REPO_ROOT, _write_json
 
 DEFENSES = ["linf", "anp", "nad"]
@@ -152,3 +156,18 @@ def test_command_line_writes_the_table_and_fails_in_one_line(grid_dir, tmp_path,
   assert error.count("\n") == 1
   with open(os.path.join(grid_dir, "grid.json")) as f:
     assert len(json.load(f)["runs"]) == 12
+
+
+def test_the_bench_grid_is_every_attack_preset_by_three_seeds_and_every_defense():
+  config = _load_config_file("configs/grid_bench.py")
+  config_lib.validate(config)
+  assert config.train.epochs == 10 and config.data.source == "cifar10_dir"  # quick
+  runs = grid.expand(config)
+  assert [run.name for run in runs] == [f"trigger={attack},seed={seed}"
+                                        for attack in attacks.ATTACKS for seed in (0, 1, 2)]
+  assert {run.config.trigger.kind for run in runs} == set(attacks.ATTACKS)
+  assert [run.config.trigger.clean_label for run in runs if run.config.trigger.kind == "sig"] == [
+      True] * 3
+  chosen = tuple(runs[0].config.prune.defenses)
+  assert chosen[:1] == ("linf",) and {"l2", "l1", *defenses.BASELINES} <= set(chosen)
+  assert chosen == tuple(dict.fromkeys(defenses.DEFAULT_SYNTHETIC + defenses.BASELINES))
