@@ -31,16 +31,17 @@ utils/defense_utils/rnp/rnp_model/mask_batchnorm.py at 3f4b1a9 (SCLBD/BackdoorBe
     runs one more, range(0, E + 1)); where the threshold is never reached the last model is
     used (BackdoorBench; the authors' script then finds no checkpoint) and details say so.
   - Pruning: the authors' script only prints every threshold 0, 0.05, ..., 0.9 (the log in
-    their README has the ASR at 6.6 % from 0.2 on); linfjax prunes at `threshold` 0.2. BackdoorBench's
-    returned model prunes at its `pruning_number` (default 0.70) used as a threshold
-    (`pruning_max = pruning_step = pruning_number`); set threshold=0.7 for that. With
+    their README has the ASR at or below 6.6 % from 0.2 on); linfjax prunes at `threshold`
+    0.2. BackdoorBench's returned model prunes at its `pruning_number` (default 0.70) used
+    as a threshold (`pruning_max = pruning_step = pruning_number`); threshold=0.7 gives it. With
     pruning_by="number" linfjax prunes the `pruning_number` smallest masks (BackdoorBench's
     path there, with max = step = pruning_number, prunes 2 * ceil(pruning_number)).
 Differences: batch 128 is the authors' (BackdoorBench's config: 256); each epoch drops the
 last partial batch (linfjax's convention; the references keep it); augmentation is the
 training recipe's crop padding, flip and padding mode (the references: crop, pad 4 with
-zeros, flip); images are in [0, 1], not normalised by the dataset's mean and std. The quick
-variant shortens both phases (`make_quick`: 10 unlearning, 5 recovering epochs).
+zeros, flip); the unlearning's momentum and decay are the references' constants, not the
+training recipe's. The quick variant shortens both phases (`make_quick`: 10 unlearning, 5
+recovering epochs).
 """
 
 from __future__ import annotations
