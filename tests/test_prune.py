@@ -79,6 +79,9 @@ def test_level_counts_from_fractions_and_counts():
     ("nad.beta", -1.0, "config.prune.nad.beta: -1.0 is outside [0.0, 1000000.0]"),
     ("nad.power", 0.0, "config.prune.nad.power: 0.0 is outside (0.0, 16.0]"),
     ("ft_sam.rho", 0.0, "config.prune.ft_sam.rho: 0.0 is outside (0.0, 10.0]"),
+    ("rnp.clean_threshold", 1.5, "config.prune.rnp.clean_threshold: 1.5 is outside [0.0, 1.0]"),
+    ("rnp.recovering_epochs", 0, "config.prune.rnp.recovering_epochs: must be an integer >= 1"),
+    ("rnp.pruning_by", "ratio", "config.prune.rnp.pruning_by: unknown value 'ratio'"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())
