@@ -79,6 +79,8 @@ def test_level_counts_from_fractions_and_counts():
     ("nad.beta", -1.0, "config.prune.nad.beta: -1.0 is outside [0.0, 1000000.0]"),
     ("nad.power", 0.0, "config.prune.nad.power: 0.0 is outside (0.0, 16.0]"),
     ("ft_sam.rho", 0.0, "config.prune.ft_sam.rho: 0.0 is outside (0.0, 10.0]"),
+    ("sau.eps", 0.0, "config.prune.sau.eps: 0.0 is outside (0.0, 1.0]"),
+    ("sau.steps", 0, "config.prune.sau.steps: must be an integer >= 1, got 0"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())
