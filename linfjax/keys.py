@@ -21,6 +21,7 @@ NC_UNLEARNING = 5  # Which images of S unlearning stamps, its shuffles and augme
 FT_SAM = 6  # FT-SAM's shuffles and augmentation on S.
 NAD = 7  # NAD's student tuning on S (its teacher is FINE_TUNE's).
 RNP = 9  # RNP's shuffles and augmentation on S, unlearning and mask recovery.
+SAU = 10  # SAU's shuffles on S.
 # Folded into a training step's key for WaNet's noise-mode noise (apart from augmentation).
 NOISE_MODE = 1
 

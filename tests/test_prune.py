@@ -82,6 +82,8 @@ def test_level_counts_from_fractions_and_counts():
     ("rnp.clean_threshold", 1.5, "config.prune.rnp.clean_threshold: 1.5 is outside [0.0, 1.0]"),
     ("rnp.recovering_epochs", 0, "config.prune.rnp.recovering_epochs: must be an integer >= 1"),
     ("rnp.pruning_by", "ratio", "config.prune.rnp.pruning_by: unknown value 'ratio'"),
+    ("sau.eps", 0.0, "config.prune.sau.eps: 0.0 is outside (0.0, 1.0]"),
+    ("sau.steps", 0, "config.prune.sau.steps: must be an integer >= 1, got 0"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())
