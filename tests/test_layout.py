@@ -22,7 +22,7 @@ FLOORS = (
     ("linfjax.config",),
     ("linfjax.runs",),
     ("linfjax.api", "linfjax.main", "linfjax.flag_errors", "linfjax.fetch", "linfjax.__main__",
-     "linfjax.config.__main__", "linfjax"),
+     "linfjax.config.__main__", "linfjax.reports.data_detection", "linfjax"),
 )
 MAX_LINES = 350
 
