@@ -56,10 +56,8 @@ BATCH_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_
 FULL_BATCH_BYTES = 10000 * 3072  # A full set's batch holds 10,000 images of 3,072 bytes.
 
 _COMPARE = flags.DEFINE_string("compare", None, "a finished run's directory: print the table")
-_RUN = flags.DEFINE_bool("run", False, "run the row's config on --data_dir into --workdir, "
-                         "then print the table")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "the full CIFAR-10 (cifar-10-batches-py "
-                                "inside, or that directory itself)")
+_RUN = flags.DEFINE_bool("run", False, "run the row into --workdir, then print the table")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "the full CIFAR-10 (python -m linfjax.fetch)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "the run directory (created; reruns resume)")
 
 
