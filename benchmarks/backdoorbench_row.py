@@ -51,7 +51,7 @@ ROW = (
 # The setting of BackdoorBench's row, as config.json fields; a run that differs is flagged.
 SETTING = {"protocol": "backdoorbench", "model.name": "preact_resnet18", "train.epochs": 100,
            "poison.rate": 0.1, "poison.mode": "all_to_one", "trigger.kind": "patch",
-           "data.source": "cifar10_dir"}
+           "poison.target": 0}
 BATCH_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 FULL_BATCH_BYTES = 10000 * 3072  # A full set's batch holds 10,000 images of 3,072 bytes.
 
@@ -217,7 +217,10 @@ def main(argv):
   completed = subprocess.run(argv, cwd=REPO)
   if completed.returncode:
     sys.exit(completed.returncode)
-  report = compare(workdir, registry())
+  try:
+    report = compare(workdir, registry())
+  except InputError as e:
+    sys.exit(f"backdoorbench_row: {e}")
   print(report)
   with open(os.path.join(workdir, "backdoorbench_row.md"), "w") as f:
     f.write(report + "\n")

@@ -82,7 +82,8 @@ def test_rows_say_why_when_the_synthetic_source_was_skipped_or_nothing_flagged()
 
 def test_compare_names_a_run_that_differs_from_the_row_setting(tmp_path):
   config = {"protocol": "linfjax", "model": {"name": "preact_resnet18"}, "train": {"epochs": 10},
-            "poison": {"rate": 0.1, "mode": "all_to_one"}, "trigger": {"kind": "patch"},
+            "poison": {"rate": 0.1, "mode": "all_to_one", "target": 0},
+            "trigger": {"kind": "patch"},
             "data": {"source": "cifar10_dir"}}
   run_dir = _write_run(tmp_path, _results(fine_tuning=_entry(90.0, 2.0)), config)
   report = row.compare(run_dir, KNOWN).splitlines()
