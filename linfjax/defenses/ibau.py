@@ -26,6 +26,10 @@ the authors 1e-3) with betas (0.9, 0.999) and no decay, batch 256 (the authors 1
 perturbation's SGD rate 10, penalty 0.001 and the fixed-point map's step 0.1, the outer loss's
 portion 0.01, no clamp of x + delta to the valid range, the unlearning batches drawn once and
 the map's loss on the first of them, with true labels (the ascent uses the model's own).
+delta lives where BackdoorBench adds it, after the input normalisation (linfjax's models
+normalise inside, hence x + std * delta; the authors' defense.py feeds [0, 1] images, no
+normalising transform),
+so its norms (`details`) are in normalised units.
 Differences: the projection onto an L2 ball is an option (`max_norm`; the references'
 `pert = batch_pert * min(1, 10 / ||batch_pert||)` is commented out, so the default 0 skips it);
 the series runs all K terms (the reference stops early when two iterates differ by < 1e-10);
