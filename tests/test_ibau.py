@@ -61,6 +61,13 @@ def test_hypergradient_matches_the_series_and_the_implicit_gradient():
   assert np.abs(flat(five) - exact).max() > 1e-2
 
 
+def test_batches_cover_s_once_with_a_smaller_last_batch():
+  parts = ibau.batches(jax.random.key(3), 10, 4)
+  assert [len(p) for p in parts] == [4, 4, 2]
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(10))
+  assert [len(p) for p in ibau.batches(jax.random.key(3), 8, 8)] == [8]
+
+
 def test_ibau_through_the_registry():
   inputs = _inputs()
   values = ibau.Settings(rounds=2, fixed_point_iterations=3, learning_rate=1e-3,

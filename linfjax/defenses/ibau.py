@@ -9,7 +9,8 @@ A min-max on the clean set S, repeated for `rounds` rounds:
     then, when `max_norm` > 0, is projected onto the L2 ball of that radius;
   outer (min over the weights theta): per batch of S, Adam (`learning_rate`) steps theta along
     the hypergradient of the outer loss CE(f(x'), y), where x' carries delta on
-    floor(batch * portion) randomly chosen images of the batch. delta is treated as the fixed
+    floor(batch * portion) randomly chosen images of the batch (none on a last batch too
+    small for one, as in the reference: a plain gradient step there). delta is taken as the fixed
     point of Phi(delta, theta) = delta - inner_step * d/d delta [-CE(f(x0 + delta), y0)
     + norm_penalty * ||delta||^2] (x0, y0: the first batch of S), so
         dL/dtheta = d_theta L + (d_theta Phi)^T v,  v = sum_{k<K} (d_delta Phi^T)^k d_delta L,
@@ -24,8 +25,9 @@ ICLR 2022, as BackdoorBench's defense/i-bau.py and config/defense/i-bau/config.y
 (YiZeng623/I-BAU at 3f4a6e7 and 5ab65bb, read): n_rounds 5, K 5, Adam at 1e-4 (BackdoorBench;
 the authors 1e-3) with betas (0.9, 0.999) and no decay, batch 256 (the authors 100), the
 perturbation's SGD rate 10, penalty 0.001 and the fixed-point map's step 0.1, the outer loss's
-portion 0.01, no clamp of x + delta to the valid range, the unlearning batches drawn once and
-the map's loss on the first of them, with true labels (the ascent uses the model's own).
+portion 0.01, no clamp of x + delta to the valid range, the unlearning batches drawn once (the
+last one smaller when the batch size does not divide S) and the map's loss on the first of
+them, with true labels (the ascent uses the model's own, its batches reshuffled every round).
 delta lives where BackdoorBench adds it, after the input normalisation (linfjax's models
 normalise inside, hence x + std * delta; the authors' defense.py feeds [0, 1] images, no
 normalising transform),
@@ -34,8 +36,7 @@ Differences: the projection onto an L2 ball is an option (`max_norm`; the refere
 `pert = batch_pert * min(1, 10 / ||batch_pert||)` is commented out, so the default 0 skips it);
 the series runs all K terms (the reference stops early when two iterates differ by < 1e-10);
 a batch that would perturb no image is an error (the reference then just fine-tunes); S is
-not augmented (BackdoorBench augments its clean loader; the authors do not); the remainder of
-S that fills no batch is dropped each round (the references keep a last, smaller batch);
+not augmented (BackdoorBench augments its clean loader; the authors do not);
 BackdoorBench builds a cosine schedule it never steps, so the rate is constant here too.
 """
 
@@ -160,6 +161,13 @@ def _optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
 
 
+def batches(key: jax.Array, num_examples: int, batch_size: int) -> list[np.ndarray]:
+  """A shuffled pass over S in batches of `batch_size`, the last one smaller when the size
+  does not divide N (as the references' loaders, drop_last False)."""
+  order = np.asarray(jax.random.permutation(key, num_examples))
+  return [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
 def _stepping(values: Settings) -> Settings:
   """The settings with the fields that no step reads set to their defaults."""
   return dataclasses.replace(values, rounds=Settings.rounds, batch_size=Settings.batch_size,
@@ -187,7 +195,7 @@ def _run(inputs: Inputs, values: Settings) -> Record:
   batch_stats = inputs.variables.get("batch_stats", {})
   opt_state = _optimizer(values.learning_rate).init(params)
   key = keys.run_key(inputs.seed, keys.IBAU)
-  fixed = np.asarray(train.epoch_batches(jax.random.fold_in(key, 0), len(labels), batch_size))
+  fixed = batches(jax.random.fold_in(key, 0), len(labels), batch_size)
   x0, y0 = pixels.to_unit_float(images[fixed[0]]), labels[fixed[0]]
   mean_loss = lambda p, d: _mean_loss(loss_on, p, batch_stats, d, images, labels,
                                       inputs.eval_batch_size)
@@ -196,8 +204,7 @@ def _run(inputs: Inputs, values: Settings) -> Record:
   for round_ in range(values.rounds):
     round_key = jax.random.fold_in(key, round_ + 1)
     delta = jnp.zeros((1,) + tuple(inputs.images.shape[1:]), jnp.float32)
-    for rows in np.asarray(train.epoch_batches(jax.random.fold_in(round_key, 0), len(labels),
-                                               batch_size)):
+    for rows in batches(jax.random.fold_in(round_key, 0), len(labels), batch_size):
       delta = ascent(params, batch_stats, delta, pixels.to_unit_float(images[rows]))
     norm = float(jnp.linalg.norm(delta))
     if values.max_norm > 0 and norm > values.max_norm:
