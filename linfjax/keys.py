@@ -20,6 +20,7 @@ ANP = 4  # ANP's batches, augmentation and noise.
 NC_UNLEARNING = 5  # Which images of S unlearning stamps, its shuffles and augmentation.
 FT_SAM = 6  # FT-SAM's shuffles and augmentation on S.
 NAD = 7  # NAD's student tuning on S (its teacher is FINE_TUNE's).
+IBAU = 8  # i-BAU's batches of S and the images its outer loss perturbs.
 RNP = 9  # RNP's shuffles and augmentation on S, unlearning and mask recovery.
 SAU = 10  # SAU's shuffles on S.
 # Folded into a training step's key for WaNet's noise-mode noise (apart from augmentation).

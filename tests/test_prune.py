@@ -84,6 +84,10 @@ def test_level_counts_from_fractions_and_counts():
     ("rnp.pruning_by", "ratio", "config.prune.rnp.pruning_by: unknown value 'ratio'"),
     ("sau.eps", 0.0, "config.prune.sau.eps: 0.0 is outside (0.0, 1.0]"),
     ("sau.steps", 0, "config.prune.sau.steps: must be an integer >= 1, got 0"),
+    ("ibau.rounds", 0, "config.prune.ibau.rounds: must be an integer >= 1"),
+    ("ibau.learning_rate", 0.0, "config.prune.ibau.learning_rate: 0.0 is outside (0.0, 1.0]"),
+    ("ibau.portion", 0.001, "config.prune.ibau.portion: 0.001 of a batch of 256 perturbs no "
+     "image; raise it or the batch size"),
 ])
 def test_prune_config_errors_name_the_field(field, value, message):
   config = config_lib.make_quick(config_lib.base_config())

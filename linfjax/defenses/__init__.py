@@ -14,7 +14,7 @@ import dataclasses
 
 from linfjax import settings
 from linfjax.defenses import anp, clp, fine_pruning, fine_tuning, lp_pruning, multi_layer
-from linfjax.defenses import ft_sam, nad, nc_unlearning, rnp, sau
+from linfjax.defenses import ft_sam, ibau, nad, nc_unlearning, rnp, sau
 from linfjax.defenses.base import Curve, Defense, Inputs, Record, Work
 
 DEFENSES: dict[str, Defense] = {
@@ -42,6 +42,7 @@ DEFENSES: dict[str, Defense] = {
     "ft_sam": ft_sam.FT_SAM,
     "rnp": rnp.RNP,
     "sau": sau.SAU,
+    "ibau": ibau.IBAU,
 }
 # What a run defends with by default: for the synthetic trigger, the paper's rows, their
 # fine-tuned models, several layers and the fine-tuning control; for the real trigger
@@ -49,7 +50,7 @@ DEFENSES: dict[str, Defense] = {
 DEFAULT_SYNTHETIC = ("linf", "linf_ft", "l2", "l2_ft", "l1", "l1_ft", "fine_pruning",
                      "linf_layers", "linf_layers_ft", "fine_tuning")
 DEFAULT_REAL = ("linf", "l2", "l1", "fine_pruning")
-BASELINES = ("anp", "clp", "nc_unlearning", "nad", "ft_sam", "rnp", "sau")
+BASELINES = ("anp", "clp", "nc_unlearning", "nad", "ft_sam", "rnp", "sau", "ibau")
 
 
 @dataclasses.dataclass(frozen=True)
