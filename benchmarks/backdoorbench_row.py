@@ -26,13 +26,13 @@ row has no target, only the reference figures.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 
-from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/cifar_patch.py:backdoorbench"
@@ -55,10 +55,6 @@ SETTING = {"protocol": "backdoorbench", "model.name": "preact_resnet18", "train.
 BATCH_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 FULL_BATCH_BYTES = 10000 * 3072  # A full set's batch holds 10,000 images of 3,072 bytes.
 
-_COMPARE = flags.DEFINE_string("compare", None, "a finished run's directory: print the table")
-_RUN = flags.DEFINE_bool("run", False, "run the row into --workdir, then print the table")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "the full CIFAR-10 (python -m linfjax.fetch)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "the run directory (created; reruns resume)")
 
 
 class InputError(Exception):
@@ -196,23 +192,35 @@ def compare(run_dir: str, known) -> str:
   return "\n".join(lines + [""] + table(results, known))
 
 
-def main(argv):
-  del argv
+def parse_args(argv) -> argparse.Namespace:
+  """The command line; argparse rather than absl flags, so that importing this module (as
+  its test does) defines no global flag."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--compare", help="a finished run's directory: print the table")
+  parser.add_argument("--run", action="store_true",
+                      help="run the row into --workdir, then print the table")
+  parser.add_argument("--data_dir", help="the full CIFAR-10 (python -m linfjax.fetch)")
+  parser.add_argument("--workdir", help="the run directory (created; reruns resume)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   try:
-    if _RUN.value == bool(_COMPARE.value):
+    if args.run == bool(args.compare):
       raise InputError("give exactly one of --compare=RUN_DIR and --run --data_dir=DIR "
                        "--workdir=RUN_DIR")
-    if _COMPARE.value:
-      print(compare(_COMPARE.value, registry()))
+    if args.compare:
+      print(compare(args.compare, registry()))
       return
-    check_data_dir(_DATA_DIR.value)
-    if not _WORKDIR.value:
+    check_data_dir(args.data_dir)
+    if not args.workdir:
       raise InputError("--workdir is required: the run directory (created; reruns resume)")
   except InputError as e:
     print(f"backdoorbench_row: {e}", file=sys.stderr)
     sys.exit(2)
-  workdir = os.path.abspath(_WORKDIR.value)  # The run's cwd is the repo root.
-  argv = run_argv(os.path.abspath(_DATA_DIR.value), workdir, registry())
+  workdir = os.path.abspath(args.workdir)  # The run's cwd is the repo root.
+  argv = run_argv(os.path.abspath(args.data_dir), workdir, registry())
   print("$ " + shlex.join(["python", *argv[1:]]), flush=True)
   completed = subprocess.run(argv, cwd=REPO)
   if completed.returncode:
@@ -227,4 +235,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
