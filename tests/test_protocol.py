@@ -1,6 +1,7 @@
 """Protocols: BackdoorBench's choices as one preset (a variant or a grid axis), checked, listed,
 and run; S drawn from the training images as BackdoorBench gives its defenses."""
 
+import csv
 import importlib
 
 import numpy as np
@@ -74,3 +75,24 @@ def test_a_run_under_the_backdoorbench_protocol(cifar_dir, tmp_path):
   assert results["train"]["poisoned"] == 20
   split = np.load(tmp_path / "run" / "train" / "split.npz")
   assert set(split["clean_set_indices"]) <= set(split["train_indices"])
+
+
+def test_fine_pruning_beside_linf_writes_each_curve_on_its_own_levels(cifar_dir, tmp_path):
+  """Under the backdoorbench protocol Fine-Pruning sweeps its own grid (steps of
+  once_prune_ratio, not layer L's levels), and the prune stage writes and plots both curves,
+  each on its own levels."""
+  config = config_lib.apply_protocol(tiny_config(cifar_dir), "backdoorbench")
+  config.data.clean_set_fraction = 0.25
+  config.protocol = "linfjax"
+  config.prune.defenses = ("linf", "fine_pruning")
+  config.prune.real_defenses = ("linf",)
+  config.prune.levels = (0.0, 0.25, 0.5)  # linf's 3 levels; Fine-Pruning's grid has more.
+  workdir = tmp_path / "run"
+  results = pipeline.run(config, str(workdir), progress=False)
+  assert set(results["prune"]["synthetic"]) == {"linf", "fine_pruning"}
+  with open(workdir / "prune" / "sweep_synthetic.csv") as f:
+    rows = list(csv.DictReader(f))
+  levels = {name: sum(row["method"] == name for row in rows) for name in ("linf", "fine_pruning")}
+  assert levels["fine_pruning"] > 0 and levels["linf"] > 0
+  assert levels["fine_pruning"] != levels["linf"]
+  assert (workdir / "prune" / "curves_synthetic.png").stat().st_size > 0

@@ -133,16 +133,16 @@ PRUNING_PANELS = (("CA", "CA on the test split (%)"),
 CLEAN_SET_PANELS = (("CA_S", "CA on S (%)"), ("ASR_defender", "ASR, defender's trigger, S (%)"))
 
 
-def pruning_curves(fractions: np.ndarray, curves: Mapping[str, Mapping[str, np.ndarray]],
+def pruning_curves(curves: Mapping[str, Mapping[str, np.ndarray]],
                    chosen: Mapping[str, int], *, title: str,
                    panels: Sequence[tuple[str, str]] = PRUNING_PANELS,
                    xlabel: str = "pruned share of the layer's neurons") -> Figure:
   """One panel per key of `panels` against the pruned share, a line per method, r* marked.
 
   Args:
-    fractions: [levels] pruned share of the neurons at each level.
-    curves: method (e.g. 'linf', 'fine_pruning') -> panel key (e.g. 'CA', 'ASR_real',
-      'ASR_defender') -> [levels] percentages.
+    curves: method (e.g. 'linf', 'fine_pruning') -> 'fractions' (its [levels] pruned shares;
+      methods may sweep different levels, e.g. ANP's threshold sweep) and each panel key
+      (e.g. 'CA', 'ASR_real', 'ASR_defender') -> [levels] percentages.
     chosen: method -> index of its r* level.
     title: the figure's title (the trigger source).
     panels: (key, axis label) pairs; the default shows test CA, test ASR under the real
@@ -154,6 +154,7 @@ def pruning_curves(fractions: np.ndarray, curves: Mapping[str, Mapping[str, np.n
     axes = figure.add_subplot(1, len(panels), p + 1)
     for method, values in curves.items():
       color = METHOD_COLORS.get(method)
+      fractions = values["fractions"]
       axes.plot(fractions, values[key], marker=".", markersize=3, label=method, color=color)
       if method in chosen:
         i = chosen[method]

@@ -267,19 +267,18 @@ def _write_outputs(ctx: RunContext, source: str, outcomes: dict, defender: Defen
                          int(i == curve["chosen"])])
   one_layer = {name: c for name, c in curves.items() if "CA" in c}
   if one_layer:
-    fractions = np.asarray(next(iter(one_layer.values()))["fractions"])
     title = (f"{source} trigger (target {defender.target}), layer {inputs.layer}, "
              f"K={inputs.neurons(inputs.layer)}; before fine-tuning")
     figures.save(figures.pruning_curves(
-        fractions, {name: {key: np.asarray(c[key]) for key in TEST_KEYS + CLEAN_SET_KEYS}
-                    for name, c in one_layer.items()},
+        {name: {key: np.asarray(c[key]) for key in ("fractions", *TEST_KEYS, *CLEAN_SET_KEYS)}
+         for name, c in one_layer.items()},
         {name: c["chosen"] for name, c in one_layer.items()}, title=title),
         os.path.join(stage_dir, f"curves_{source}.png"))
   layered = {name: c for name, c in curves.items() if "CA" not in c}
   if layered:
     figures.save(figures.pruning_curves(
-        np.asarray(next(iter(layered.values()))["fractions"]),
-        {name: {key: np.asarray(c[key]) for key in CLEAN_SET_KEYS} for name, c in layered.items()},
+        {name: {key: np.asarray(c[key]) for key in ("fractions", *CLEAN_SET_KEYS)}
+         for name, c in layered.items()},
         {name: c["chosen"] for name, c in layered.items()}, panels=figures.CLEAN_SET_PANELS,
         title=f"{source} trigger, several layers ({ctx.config.prune.layers.ranking} ranking), on "
               "S; before fine-tuning", xlabel="pruned share of the layers' neurons"),
