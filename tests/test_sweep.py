@@ -197,7 +197,10 @@ def test_sharded_over_8_devices_equals_unsharded(cifar_dir, tmp_path):
   unsharded = str(tmp_path / "unsharded")
   sweep.run(config, unsharded, progress=False)
   sharded = str(tmp_path / "sharded")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  # 8 emulated devices share 2 cores: on a loaded machine a device thread can reach an
+  # all-reduce after XLA's 40 s rendezvous limit, which aborts the process; allow 10 min.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   completed = subprocess.run([sys.executable, "-c", SHARDED_GRID, cifar_dir, sharded], env=env,
                              cwd=os.path.dirname(os.path.dirname(__file__)),
                              capture_output=True, text=True, timeout=600)
