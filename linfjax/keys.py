@@ -23,6 +23,7 @@ NAD = 7  # NAD's student tuning on S (its teacher is FINE_TUNE's).
 IBAU = 8  # i-BAU's batches of S and the images its outer loss perturbs.
 RNP = 9  # RNP's shuffles and augmentation on S, unlearning and mask recovery.
 SAU = 10  # SAU's shuffles on S.
+ATTACK_PREPARATION = 11  # An attack made on the clean model (LF, TrojanNN, LC, Input-aware).
 # Folded into a training step's key for WaNet's noise-mode noise (apart from augmentation).
 NOISE_MODE = 1
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from linfjax import settings
 from linfjax.attacks import bpp, ftrojan, mask_pattern, sig, wanet
-from linfjax.attacks.base import (Attack, TriggerError, TriggerLike, apply, apply_noise_mode,
-                                  region)
+from linfjax.attacks.base import (Attack, CleanModel, TriggerError, TriggerLike, apply,
+                                  apply_noise_mode, region)
 from linfjax.attacks.bpp import Quantized
 from linfjax.attacks.ftrojan import Frequency
 from linfjax.attacks.mask_pattern import (Trigger, blend, checkerboard_pattern, noise_pattern,
@@ -95,14 +95,33 @@ def from_config(trigger_block_, image_shape) -> Any:
   return attack.build(attack.settings.from_config(trigger_block_), tuple(image_shape))
 
 
+def needs_clean_model(trigger_block_) -> bool:
+  """Whether the attack is made on a clean model, so a run trains its vanilla model first."""
+  return ATTACKS[trigger_block_.kind].needs_clean_model
+
+
+def prepare(trigger_block_, trigger: Any, clean_model: CleanModel) -> tuple[Any, Any]:
+  """The attack made on `clean_model`: (its trigger, and its `perturb_poisoned` function of
+  (uint8 images, labels) -> uint8 images, or None)."""
+  attack = ATTACKS[trigger_block_.kind]
+  values = attack.settings.from_config(trigger_block_)
+  if attack.prepare is not None:
+    trigger = attack.prepare(values, trigger, clean_model)
+  perturb = None
+  if attack.perturb_poisoned is not None:
+    perturb = lambda images, labels: attack.perturb_poisoned(values, clean_model, images, labels)
+  return trigger, perturb
+
+
 def has_region(trigger_block_) -> bool:
   """Whether the attack's trigger leaves part of the image untouched (trigger recovery)."""
   return ATTACKS[trigger_block_.kind].has_region
 
 
 __all__ = [
-    "ATTACKS", "AnyTrigger", "Attack", "Frequency", "Quantized", "PRESETS", "Settings", "Signal", "Trigger", "TriggerError",
+    "ATTACKS", "AnyTrigger", "Attack", "CleanModel", "Frequency", "Quantized", "PRESETS", "Settings", "Signal", "Trigger", "TriggerError",
     "TriggerLike", "Warp", "apply", "apply_noise_mode", "blend", "check", "check_data",
-    "checkerboard_pattern", "from_config", "has_region", "noise_pattern", "patch", "region",
+    "checkerboard_pattern", "from_config", "has_region", "needs_clean_model", "noise_pattern",
+    "patch", "prepare", "region",
     "solid_pattern", "trigger_block",
 ]

@@ -11,12 +11,18 @@ each kind compiles to its own code.
 An `Attack` (one per file in linfjax/attacks/, listed in `ATTACKS`) says how a config's
 `trigger` block builds its trigger, which fields of that block it reads (its `Settings`),
 how it checks them against the data, and the preset a grid axis `trigger=NAME` applies.
+
+Some attacks are made on a clean model before the backdoored one trains (LF's universal
+perturbation, TrojanNN's neuron-driven patch, the label-consistent attack's adversarial
+images): their entry has a `prepare` hook (a new trigger) and/or a `perturb_poisoned` hook
+(new images for the poisoned examples), and both receive the run's vanilla model as a
+`CleanModel` of plain functions, so this floor needs nothing from the models above it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import chex
 import jax
@@ -74,6 +80,22 @@ def check_unit_interval(array: np.ndarray, what: str) -> None:
     raise TriggerError(f"{what} must hold values in [0, 1] (found {array.min()}..{array.max()})")
 
 
+class CleanModel(NamedTuple):
+  """A clean (vanilla) model and the attacker's clean data, as a prepared attack sees them.
+
+  logits: images [B, H, W, C] float32 in [0, 1] -> logits [B, num_classes] (jittable);
+  features: images -> the activation map of the model's last conv layer [B, h, w, K];
+  images, labels: the clean training images (uint8 [N, H, W, C]) and labels [N];
+  target: the attack's target class; key: the attack's own random stream.
+  """
+  logits: Callable[[jax.Array], jax.Array]
+  features: Callable[[jax.Array], jax.Array]
+  images: np.ndarray
+  labels: np.ndarray
+  target: int
+  key: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class Attack:
   """One attack of `ATTACKS`.
@@ -87,7 +109,11 @@ class Attack:
     poisons: clean_label, cross_ratio);
   description: one line for listings and reports;
   has_region: whether its trigger leaves part of the image untouched (a patch), so trigger
-    recovery can be measured.
+    recovery can be measured;
+  prepare: (its settings, the built trigger, CleanModel) -> the trigger the attack uses,
+    optimised on the clean model (None: the built trigger is used as it is);
+  perturb_poisoned: (its settings, CleanModel, uint8 images [P, H, W, C], labels [P]) -> uint8
+    images that replace the poisoned examples before they are stamped (None: kept).
   """
   settings: type[settings_lib.Settings]
   build: Callable[[Any, tuple[int, int, int]], TriggerLike]
@@ -96,3 +122,10 @@ class Attack:
   check: Callable[[Any, str], None] = lambda values, prefix: None
   check_data: Callable[[Any, tuple[int, int, int]], None] = lambda values, shape: None
   has_region: bool = False
+  prepare: Callable[[Any, TriggerLike, CleanModel], TriggerLike] | None = None
+  perturb_poisoned: Callable[[Any, CleanModel, np.ndarray, np.ndarray], np.ndarray] | None = None
+
+  @property
+  def needs_clean_model(self) -> bool:
+    """Whether the attack is made on a clean model (the vanilla model trains first)."""
+    return self.prepare is not None or self.perturb_poisoned is not None

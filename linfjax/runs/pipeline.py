@@ -175,7 +175,8 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
                  progress: bool | progress_lib.Tracker = True,
                  dataset: data.Dataset | None = None,
                  shared: shared_work.SharedWork | None = None) -> RunContext:
-  """Loads the data (unless given), checks the config against it, and builds the trigger.
+  """Loads the data (unless given), checks the config against it, and builds the trigger (or
+  reads back the one an attack made on the clean model prepared in the train stage).
 
   Raises a UserError (ConfigError, DatasetError, TriggerError) before anything is written.
   """
@@ -192,7 +193,8 @@ def make_context(config: ml_collections.ConfigDict, workdir: str, *,
     except ValueError as e:
       raise config_lib.ConfigError(f"config.poison.rate: {e}; change the rate or the "
                                    "data") from None
-  trigger = attacks.from_config(config.trigger, dataset.image_shape)
+  trigger = train_stage.read_prepared_trigger(
+      workdir, attacks.from_config(config.trigger, dataset.image_shape))
   return RunContext(config=config, workdir=workdir, dataset=dataset, split=split,
                     trigger=trigger, progress=progress, shared=shared)
 

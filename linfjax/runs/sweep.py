@@ -36,7 +36,7 @@ import tqdm
 from absl import logging
 
 from linfjax import config as config_lib
-from linfjax import data, files
+from linfjax import attacks, data, files
 from linfjax.runs import grid, lockstep, pipeline, shared_work
 from linfjax.reports import grid_report
 from linfjax.training import train
@@ -107,6 +107,8 @@ def _lockstep_train(workdir: str, runs: list[grid.Run], datasets,
     if "train" not in run.config.stages:
       continue
     for kind in train_stage.MODEL_KINDS:
+      if kind == "backdoored" and attacks.needs_clean_model(run.config.trigger):
+        continue  # Its trigger is made on its vanilla model: its own train stage trains it.
       piece = None
       if kind == "vanilla" and shared is not None:  # Each distinct vanilla model once.
         piece = shared.piece(train_stage.VANILLA_PIECE,

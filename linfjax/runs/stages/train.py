@@ -5,6 +5,9 @@ Writes under `WORKDIR/train/`:
                        poisoned and noise-mode (WaNet) indices (positions in the
                        training images);
   backdoored/, vanilla/  orbax checkpoints, one per finished epoch;
+  prepared_attack.npz  for an attack made on a clean model (attacks/base.py, `prepare`):
+                       its trigger's arrays and the poisoned examples' perturbed images,
+                       made on this run's vanilla model, which then trains first;
   metrics.json         per-epoch loss/accuracy, seconds per model, final CA/ASR/RA.
 Returns the `train` entry of results.json (docs/method.md, "Results file").
 
@@ -23,6 +26,8 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from linfjax.runs import checkpoints
@@ -34,6 +39,7 @@ from linfjax.attacks import poison
 from linfjax.runs.stages.context import RunContext
 
 MODEL_KINDS = ("backdoored", "vanilla")
+PREPARED_FILE = "prepared_attack.npz"
 VANILLA_PIECE = "vanilla_model"
 
 
@@ -59,15 +65,19 @@ def shared_checkpoint_dir(piece) -> str:
   return piece.path("checkpoints")
 
 
-def training_sets(ctx: RunContext) -> dict[str, poison.PoisonedSet]:
-  """The backdoored model's poisoned training set and the vanilla model's clean one."""
+def backdoored_set(ctx: RunContext, images: np.ndarray) -> poison.PoisonedSet:
+  """The backdoored model's training set: `images` (the run's training images) poisoned."""
   cfg = ctx.config
-  return {
-      "backdoored": poison.from_config(
-          ctx.train_images, ctx.train_labels, ctx.trigger, poison_block=cfg.poison,
-          trigger_block=cfg.trigger, num_classes=ctx.dataset.num_classes, seed=cfg.seed),
-      "vanilla": poison.clean(ctx.train_images, ctx.train_labels),
-  }
+  return poison.from_config(images, ctx.train_labels, ctx.trigger, poison_block=cfg.poison,
+                            trigger_block=cfg.trigger, num_classes=ctx.dataset.num_classes,
+                            seed=cfg.seed)
+
+
+def training_sets(ctx: RunContext) -> dict[str, poison.PoisonedSet]:
+  """The backdoored model's poisoned training set and the vanilla model's clean one (for an
+  attack made on the clean model, the backdoored one is only right once it is prepared)."""
+  return {"backdoored": backdoored_set(ctx, ctx.train_images),
+          "vanilla": poison.clean(ctx.train_images, ctx.train_labels)}
 
 
 def _initial_state(ctx: RunContext, num_examples: int):
@@ -184,22 +194,89 @@ def _shared_vanilla(ctx: RunContext, training_set: poison.PoisonedSet, log: dict
   return load_trained(ctx, "vanilla")
 
 
+def clean_model(ctx: RunContext, model, variables) -> attacks.CleanModel:
+  """The vanilla model and the run's training images, as a prepared attack sees them."""
+  probe = model.default_probe
+  return attacks.CleanModel(
+      logits=jax.jit(lambda images: model.apply(variables, images)[0]),
+      features=jax.jit(lambda images: model.apply(variables, images, stop=probe)[0]),
+      images=ctx.train_images, labels=ctx.train_labels, target=ctx.config.poison.target,
+      key=keys.run_key(ctx.config.seed, keys.ATTACK_PREPARATION))
+
+
+def prepared_path(workdir: str) -> str:
+  return os.path.join(workdir, "train", PREPARED_FILE)
+
+
+def read_prepared_trigger(workdir: str, built):
+  """The prepared attack's trigger saved in `workdir`, in the structure of `built` (the
+  trigger the config builds); `built` itself when the run has none."""
+  path = prepared_path(workdir)
+  if not os.path.exists(path):
+    return built
+  with np.load(path) as saved:
+    leaves = [saved[f"trigger_{i}"] for i in range(len(jax.tree.leaves(built)))]
+  shapes = [np.shape(leaf) for leaf in jax.tree.leaves(built)]
+  if [leaf.shape for leaf in leaves] != shapes:
+    raise checkpoints.CheckpointError(f"{path}: holds a trigger of another shape; delete "
+                                      f"{os.path.dirname(path)} and results.json to train again")
+  return jax.tree.unflatten(jax.tree.structure(built), [jnp.asarray(leaf) for leaf in leaves])
+
+
+def prepare_attack(ctx: RunContext, model, variables) -> np.ndarray:
+  """Makes the attack on the vanilla model, or reads it back: sets `ctx.trigger` and returns
+  the training images with the poisoned examples' replaced where the attack perturbs them."""
+  cfg, path = ctx.config, prepared_path(ctx.workdir)
+  images = np.array(ctx.train_images)
+  indices = poison.select_poison_indices(ctx.train_labels, rate=cfg.poison.rate,
+                                         target=cfg.poison.target, mode=cfg.poison.mode,
+                                         seed=cfg.seed, clean_label=cfg.trigger.clean_label)
+  if os.path.exists(path):
+    logging.info("train: the attack prepared on the vanilla model, read from %s", path)
+    ctx.trigger = read_prepared_trigger(ctx.workdir, ctx.trigger)
+    with np.load(path) as saved:
+      if "poisoned_images" in saved:
+        images[indices] = saved["poisoned_images"]
+    return images
+  started = time.perf_counter()
+  trigger, perturb = attacks.prepare(cfg.trigger, ctx.trigger, clean_model(ctx, model, variables))
+  saved = {f"trigger_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(trigger))}
+  if perturb is not None:
+    saved["poisoned_images"] = np.asarray(perturb(images[indices], ctx.train_labels[indices]),
+                                          np.uint8)
+    images[indices] = saved["poisoned_images"]
+  files.write_npz(path, **saved)
+  logging.info("train: %s prepared on the vanilla model in %.1f s", cfg.trigger.kind,
+               time.perf_counter() - started)
+  ctx.trigger = trigger
+  return images
+
+
 def run(ctx: RunContext) -> dict:
+  """Trains both models (the vanilla one first when the attack is made on it), then
+  evaluates both with the attack's final trigger."""
   cfg = ctx.config
   stage_dir = ctx.stage_dir("train")
-  sets = training_sets(ctx)
-  files.write_npz(os.path.join(stage_dir, "split.npz"),
-                  clean_set_indices=ctx.split.clean_set_indices,
-                  train_indices=ctx.split.train_indices,
-                  poison_indices=sets["backdoored"].poison_indices,
-                  noise_indices=sets["backdoored"].noise_indices)
-  result, log = {}, {}
-  for kind in MODEL_KINDS:
-    log[kind] = {}
-    if kind == "vanilla" and ctx.shared is not None:
-      model, variables = _shared_vanilla(ctx, sets[kind], log[kind])
+  prepared = attacks.needs_clean_model(cfg.trigger)
+  result, log, trained = {}, {kind: {} for kind in MODEL_KINDS}, {}
+  for kind in (("vanilla", "backdoored") if prepared else MODEL_KINDS):
+    if kind == "vanilla":
+      training_set = poison.clean(ctx.train_images, ctx.train_labels)
+      if ctx.shared is not None:
+        trained[kind] = _shared_vanilla(ctx, training_set, log[kind])
+        continue
     else:
-      model, variables = _train_model(ctx, kind, sets[kind], log[kind])
+      images = prepare_attack(ctx, *trained["vanilla"]) if prepared else ctx.train_images
+      training_set = backdoored_set(ctx, images)
+      files.write_npz(os.path.join(stage_dir, "split.npz"),
+                      clean_set_indices=ctx.split.clean_set_indices,
+                      train_indices=ctx.split.train_indices,
+                      poison_indices=training_set.poison_indices,
+                      noise_indices=training_set.noise_indices)
+      result["poisoned"] = int(len(training_set.poison_indices))
+    trained[kind] = _train_model(ctx, kind, training_set, log[kind])
+  for kind in MODEL_KINDS:
+    model, variables = trained[kind]
     result[kind] = metrics.evaluate(
         model.apply, variables, ctx.dataset.test_images, ctx.dataset.test_labels, ctx.trigger,
         target=cfg.poison.target, mode=cfg.poison.mode, num_classes=ctx.dataset.num_classes,
@@ -207,7 +284,6 @@ def run(ctx: RunContext) -> dict:
     log[kind]["test"] = result[kind]
     logging.info("train/%s: CA %.2f ASR %.2f RA %.2f", kind, result[kind]["CA"],
                  result[kind]["ASR"], result[kind]["RA"])
-  result["poisoned"] = int(len(sets["backdoored"].poison_indices))
   result["clean_set"] = int(len(ctx.split.clean_set_indices))
   files.write_json(os.path.join(stage_dir, "metrics.json"), log)
-  return result
+  return {kind: result[kind] for kind in (*MODEL_KINDS, "poisoned", "clean_set")}
