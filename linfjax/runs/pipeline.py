@@ -241,6 +241,12 @@ def check_trained_models(ctx: RunContext, pending: list[str]) -> None:
   """
   if "train" in pending or not set(pending) & set(MODEL_STAGES):
     return
+  prepared = train_stage.prepared_path(ctx.workdir)
+  if attacks.needs_clean_model(ctx.config.trigger) and not os.path.exists(prepared):
+    raise checkpoints.CheckpointError(
+        f"{prepared}: missing; the {ctx.config.trigger.kind} attack was made on the vanilla "
+        f"model in the train stage and saved there. Delete {os.path.join(ctx.workdir, 'train')} "
+        f"and {os.path.join(ctx.workdir, 'results.json')} to train again, then rerun")
   for kind in train_stage.MODEL_KINDS:
     directory = train_stage.checkpoint_dir(ctx.workdir, kind)
     try:
