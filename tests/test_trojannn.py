@@ -137,7 +137,7 @@ def test_the_attack_is_made_on_the_vanilla_model(cifar_dir, tmp_path, monkeypatc
     return seen["neurons"]
 
   monkeypatch.setattr(trojannn, "select_neurons", select)
-  config = tiny_config(cifar_dir)
+  config = tiny_config(cifar_dir, epochs=1)
   config.stages = ("train",)
   config.trigger.update(attacks.PRESETS["trojannn"])
   config.trigger.update(trojannn_size=6, trojannn_steps=15, trojannn_images=12,
