@@ -81,3 +81,16 @@ def test_a_finished_run_without_its_prepared_attack_is_refused(cifar_dir, tmp_pa
   with pytest.raises(checkpoints.CheckpointError, match="prepared_attack.npz: missing"):
     pipeline.run(config, workdir, progress=False)
   assert not os.path.exists(os.path.join(workdir, "reverse"))
+
+
+def test_api_train_refuses_an_attack_made_on_a_clean_model(cifar_dir, monkeypatch):
+  import linfjax
+  made_on_clean = dataclasses.replace(attacks.ATTACKS["patch"],
+                                      prepare=lambda values, trigger, clean_model: trigger)
+  monkeypatch.setitem(attacks.ATTACKS, "patch", made_on_clean)
+  config = tiny_config(cifar_dir)
+  dataset = linfjax.load_dataset(config)
+  split = linfjax.clean_set(dataset, size=20, seed=0)
+  trigger = linfjax.make_attack(config.trigger, dataset.image_shape)
+  with pytest.raises(attacks.TriggerError, match="made on a clean model.*run\\(config, workdir"):
+    linfjax.train(config, dataset, split, trigger)
