@@ -147,13 +147,10 @@ def test_lc_is_made_on_the_vanilla_model_in_the_train_stage(cifar_dir, tmp_path,
 
   def perturb(values, clean_model, images, labels):
     seen.update(model=clean_model, images=images.copy(), labels=labels.copy())
-    return real.perturb_poisoned(values, clean_model, images, labels)
+    seen["perturbed"] = real.perturb_poisoned(values, clean_model, images, labels)
+    return seen["perturbed"]
 
   monkeypatch.setitem(attacks.ATTACKS, "lc", dataclasses.replace(real, perturb_poisoned=perturb))
-  poisoned_sets = []
-  real_set = train_stage.backdoored_set
-  monkeypatch.setattr(train_stage, "backdoored_set", lambda ctx, images: (
-      poisoned_sets.append(real_set(ctx, images)), poisoned_sets[-1])[1])
   config = tiny_config(cifar_dir)
   config.stages = ("train",)
   config.trigger.update({**attacks.PRESETS["lc"], "lc_steps": 5, "lc_step_size": 2 / 255,
@@ -163,16 +160,17 @@ def test_lc_is_made_on_the_vanilla_model_in_the_train_stage(cifar_dir, tmp_path,
   pipeline.run(config, workdir, progress=False)
 
   ctx = pipeline.make_context(config, workdir, progress=False)
-  poisoned = poisoned_sets[0]
+  # The backdoored training set as the stage builds it from the prepared attack it saved (and
+  # as a resumed run reads it back).
+  poisoned = train_stage.backdoored_set(ctx, train_stage.prepare_attack(ctx, None, None))
   chosen = poisoned.poison_indices
   # Clean-label: four target-class images, labels kept, handed to the hook as they were.
   assert len(chosen) == 4 and np.all(ctx.train_labels[chosen] == 0)
   np.testing.assert_array_equal(poisoned.labels, ctx.train_labels)
   np.testing.assert_array_equal(seen["images"], ctx.train_images[chosen])
   np.testing.assert_array_equal(seen["labels"], ctx.train_labels[chosen])
-  # The poisoned examples are the perturbed images (saved for later stages), at most eps away.
-  with np.load(train_stage.prepared_path(workdir)) as saved:
-    np.testing.assert_array_equal(poisoned.images[chosen], saved["poisoned_images"])
+  # The poisoned examples are the hook's perturbed images, at most eps away.
+  np.testing.assert_array_equal(poisoned.images[chosen], seen["perturbed"])
   change = poisoned.images[chosen].astype(int) - ctx.train_images[chosen].astype(int)
   assert np.abs(change).max() <= 8 and np.abs(change).mean() > 4
   others = np.setdiff1d(np.arange(len(poisoned.labels)), chosen)

@@ -72,19 +72,22 @@ CORNERS = {"all": ("top_left", "top_right", "bottom_left", "bottom_right"),
 MIN_SIDE = 11
 
 
+# A pixel-unit size or weight in (0, 1], checked while the trigger is LC's.
+IN_UNIT = number(0.0, 1.0, low_open=True).when("kind", "lc")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings(settings.Settings):
   """The `trigger` block's fields of LC."""
-  lc_eps: float = spec(LC_EPS, number(0.0, 1.0, low_open=True).when("kind", "lc"),
-                       "LC's L-inf bound on the adversarial perturbation, in [0, 1] pixel units.")
-  lc_step_size: float = spec(LC_STEP_SIZE, number(0.0, 1.0, low_open=True).when("kind", "lc"),
-                             "LC's PGD step size (sign of the gradient times this).")
+  lc_eps: float = spec(LC_EPS, IN_UNIT, "LC's L-inf bound on the adversarial perturbation, "
+                       "in [0, 1] pixel units.")
+  lc_step_size: float = spec(LC_STEP_SIZE, IN_UNIT, "LC's PGD step size (times the sign of "
+                             "the gradient).")
   lc_steps: int = spec(LC_STEPS, integer(0).when("kind", "lc"),
                        "LC's PGD steps on the clean model (0: the poisoned images unperturbed).")
-  lc_batch_size: int = spec(LC_BATCH_SIZE, integer(1).when("kind", "lc"),
-                            "Images per PGD batch.")
-  lc_amplitude: float = spec(LC_AMPLITUDE, number(0.0, 1.0, low_open=True).when("kind", "lc"),
-                             "LC's trigger amplitude (1: the patch cells are set to 0 or 1).")
+  lc_batch_size: int = spec(LC_BATCH_SIZE, integer(1).when("kind", "lc"), "Images per PGD batch.")
+  lc_amplitude: float = spec(LC_AMPLITUDE, IN_UNIT, "LC's trigger amplitude (1: the patch "
+                             "cells are set to 0 or 1).")
   lc_corners: str = spec("all", choice(*CORNERS).when("kind", "lc"),
                          "LC's patches: in all four corners, or bottom-right only.")
 
