@@ -51,7 +51,8 @@ def test_one_pgd_step_matches_numpy_on_a_linear_model():
   originals[0, 0] = 0.0  # Pixels at the ends of [0, 1], where the step leaves the range.
   originals[1, 1] = 1.0
   eps, step = 0.03, 0.02
-  adversarial = np.clip(originals + rng.uniform(-eps, eps, originals.shape), 0, 1).astype(np.float32)
+  adversarial = np.clip(originals + rng.uniform(-eps, eps, originals.shape), 0, 1)
+  adversarial = adversarial.astype(np.float32)
   labels = np.array([0, 1, 2, 0, 1, 2])
   # d CE / d x = (softmax - onehot) @ W^T, per image.
   z = adversarial.reshape(6, -1).astype(np.float64) @ weights + bias
@@ -127,7 +128,8 @@ def test_corner_trigger_is_the_references_patch():
 
 
 def test_bad_settings_are_one_line_errors():
-  with pytest.raises(ConfigError, match=r"^config\.trigger\.lc_eps: 0\.0 is outside \(0\.0, 1\.0\]$"):
+  with pytest.raises(ConfigError,
+                     match=r"^config\.trigger\.lc_eps: 0\.0 is outside \(0\.0, 1\.0\]$"):
     attacks.check(_block(lc_eps=0.0), "all_to_one")
   with pytest.raises(ConfigError, match=r"^config\.trigger\.lc_corners: unknown value 'top'; "
                                         r"known: all, bottom_right$"):

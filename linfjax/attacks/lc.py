@@ -21,9 +21,10 @@ Follows:
   - Trigger: BackdoorBench's default "all-corners" layout (the paper's four-corner trigger):
     in each corner of a 32x32 layout a 3x3 patch, rows (white, black, black), (black, white,
     black), (white, black, white) on the left-hand corners and mirrored left to right on the
-    right-hand ones, every channel alike. `lc_corners="bottom_right"` is the release's config.json default (one
-    patch). Other image sizes get the 32x32 layout resized nearest-neighbour, as BackdoorBench
-    does. Amplitude 1 (BackdoorBench's `reduced_amplitude: 1`) sets the cells to 0 or 1.
+    right-hand ones, every channel alike. `lc_corners="bottom_right"` is the release's
+    config.json default (one patch). Other image sizes get the 32x32 layout resized
+    nearest-neighbour, as BackdoorBench does. Amplitude 1 (BackdoorBench's
+    `reduced_amplitude: 1`) sets the cells to 0 or 1.
   - PGD as craft_adv_dataset.py runs it: eps 8/255, step 1.5/255, 100 steps, no random start,
     the true labels' cross-entropy ascended, batches of 128. (BackdoorBench's attack/lc.py
     names its precomputed file with eps 16, but the crafting script uses 8; we follow the
