@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from linfjax import settings
-from linfjax.attacks import bpp, ftrojan, mask_pattern, sig, wanet
+from linfjax.attacks import bpp, ftrojan, lf, mask_pattern, sig, wanet
 from linfjax.attacks.base import (Attack, CleanModel, TriggerError, TriggerLike, apply,
                                   apply_noise_mode, region)
 from linfjax.attacks.bpp import Quantized
@@ -33,6 +33,7 @@ ATTACKS: dict[str, Attack] = {
     "wanet": wanet.WANET,
     "bpp": bpp.BPP,
     "ftrojan": ftrojan.FTROJAN,
+    "lf": lf.LF,
 }
 # What `trigger=NAME` sets in a grid, and what configs/cifar_<NAME>.py use.
 PRESETS = {name: attack.preset for name, attack in ATTACKS.items()}
