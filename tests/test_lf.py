@@ -2,7 +2,9 @@
 of a linear model, and the attack prepared on a run's vanilla model."""
 
 import dataclasses
+import glob
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,21 @@ from linfjax.runs import pipeline
 from linfjax.runs.stages import train as train_stage
 from linfjax.settings import ConfigError
 from test_pipeline import tiny_config
+
+
+@pytest.fixture
+def tinted_cifar_dir(cifar_dir):
+  """`cifar_dir` with every image 70 % its class's colour: a low-frequency feature the clean
+  model learns in two epochs, and the one an LF trigger can push towards the target."""
+  palette = np.random.default_rng(1).integers(0, 256, (10, 3))
+  for path in glob.glob(os.path.join(cifar_dir, "cifar-10-batches-py", "*_batch*")):
+    with open(path, "rb") as f:
+      batch = pickle.load(f)
+    tint = np.repeat(palette[np.asarray(batch["labels"])], 1024, axis=1)  # rows are R, G, B planes
+    batch["data"] = ((batch["data"].astype(np.int64) * 3 + tint * 7) // 10).astype(np.uint8)
+    with open(path, "wb") as f:
+      pickle.dump(batch, f, protocol=2)
+  return cifar_dir
 
 
 def _fft_low_pass(delta, window):
@@ -99,8 +116,8 @@ def test_bad_values_are_one_line_errors():
     lf.low_pass_matrix(8, 4)
 
 
-def test_lf_is_prepared_on_the_vanilla_model_and_raises_its_target_rate(cifar_dir, tmp_path,
-                                                                        monkeypatch):
+def test_lf_is_prepared_on_the_vanilla_model_and_raises_its_target_rate(tinted_cifar_dir,
+                                                                        tmp_path, monkeypatch):
   seen = {}
 
   def prepare(values, trigger, clean_model):
@@ -109,7 +126,7 @@ def test_lf_is_prepared_on_the_vanilla_model_and_raises_its_target_rate(cifar_di
     return lf.LF.prepare(values, trigger, clean_model)
 
   monkeypatch.setitem(attacks.ATTACKS, "lf", dataclasses.replace(lf.LF, prepare=prepare))
-  config = tiny_config(cifar_dir, epochs=1)
+  config = tiny_config(tinted_cifar_dir)
   config.stages = ("train",)
   config.trigger.update({**attacks.PRESETS["lf"], "lf_steps": 20, "lf_batch_size": 32})
   workdir = str(tmp_path / "run")
@@ -139,8 +156,9 @@ def test_lf_is_prepared_on_the_vanilla_model_and_raises_its_target_rate(cifar_di
 
   rate_clean, prob_clean = target_share(clean)
   rate_stamped, prob_stamped = target_share(stamped)
-  assert prob_stamped > prob_clean + 0.01
-  assert rate_stamped > rate_clean
+  # Measured on the 80 training images: 0 % -> 11 %, mean probability 0.10 -> 0.14.
+  assert rate_stamped > rate_clean + 0.05
+  assert prob_stamped > prob_clean + 0.02
 
   split = np.load(os.path.join(workdir, "train", "split.npz"))
   poisoned = split["poison_indices"]
