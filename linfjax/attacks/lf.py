@@ -19,9 +19,10 @@ gauss_smooth.py), as BackdoorBench runs it (attack/lf.py at 3f4b1a9 loads a patt
 resource/lowFrequency/generate_pattern.py makes on a clean model from 100 random training
 images; an additive trigger, clipped; all-to-one, target 0, pratio 0.1 in
 config/attack/lf/default.yaml, which is our `poison` block's default). What differs:
-  - the optimiser: the reference runs targeted DeepFool on one image at a time (passes over
-    its 100 images until 80 % are fooled, at most 50 passes); ours is projected gradient
-    descent on the targeted cross-entropy over fresh batches, jitted as one scan;
+  - the optimiser: the reference runs targeted DeepFool on one image at a time, in passes
+    over its 100 images, until 20 % of held-out images change label (its delta 0.8), the rate
+    stalls for 5 passes, or 50 passes; ours is projected gradient descent on the targeted
+    cross-entropy over fresh batches for a fixed number of steps, jitted as one scan;
   - the low-pass: the reference blurs each DeepFool step and the running perturbation with a
     Gaussian (standard deviation 6 pixels, 30 taps, zero padding) and rescales it min-max to
     [0, 0.2]; ours is the ideal DFT window above, a true projection (a blur is not
