@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from linfjax import settings
-from linfjax.attacks import bpp, ftrojan, lc, mask_pattern, sig, trojannn, wanet
+from linfjax.attacks import bpp, ftrojan, lc, lf, mask_pattern, sig, trojannn, wanet
 from linfjax.attacks.base import (Attack, CleanModel, TriggerError, TriggerLike, apply,
                                   apply_noise_mode, region)
 from linfjax.attacks.bpp import Quantized
@@ -35,6 +35,7 @@ ATTACKS: dict[str, Attack] = {
     "ftrojan": ftrojan.FTROJAN,
     "trojannn": trojannn.TROJANNN,
     "lc": lc.LC,
+    "lf": lf.LF,
 }
 # What `trigger=NAME` sets in a grid, and what configs/cifar_<NAME>.py use.
 PRESETS = {name: attack.preset for name, attack in ATTACKS.items()}
