@@ -2,6 +2,7 @@
 generator, stacks of triggers, the settings' errors, and the attack prepared in a train stage."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -150,8 +151,8 @@ def test_cross_mode_takes_another_images_pattern():
 
 def test_a_stack_of_two_triggers_vmaps():
   shape = (8, 8, 3)
-  first = inputaware.inputaware(shape, channels=4, depth=2, seed=0)
-  second = inputaware.inputaware(shape, channels=4, depth=2, seed=1)
+  first = inputaware.inputaware(shape, channels=2, depth=1, seed=0)
+  second = inputaware.inputaware(shape, channels=2, depth=1, seed=1)
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), first, second)
   images = jnp.asarray(np.random.default_rng(2).random((3, *shape), dtype=np.float32))
   both = np.asarray(jax.jit(jax.vmap(attacks.apply, in_axes=(0, None)))(stacked, images))
@@ -201,10 +202,6 @@ def test_train_stage_prepares_the_generators_on_the_vanilla_model(cifar_dir, tmp
     return seen["prepared"]
 
   monkeypatch.setitem(attacks.ATTACKS, "inputaware", dataclasses.replace(entry, prepare=prepare))
-  poisoned_sets = []
-  real_set = train_stage.backdoored_set
-  monkeypatch.setattr(train_stage, "backdoored_set", lambda ctx, images: (
-      poisoned_sets.append(real_set(ctx, images)), poisoned_sets[-1])[1])
   config = tiny_config(cifar_dir)
   config.stages = ("train",)
   config.trigger.update(attacks.PRESETS["inputaware"])
@@ -227,11 +224,12 @@ def test_train_stage_prepares_the_generators_on_the_vanilla_model(cifar_dir, tmp
             float(jnp.mean(jnp.argmax(probabilities, -1) == clean_model.target)))
 
   (built_probability, built_rate), (probability, rate) = target_share(built), target_share(prepared)
-  assert probability > built_probability + 0.01 and rate >= built_rate, (
+  assert probability > built_probability + 0.02 and rate >= built_rate, (
       built_probability, probability, built_rate, rate)
   # The cross mode trains one example per poisoned one; later stages read the trigger back.
-  poisoned = poisoned_sets[0]
-  assert len(poisoned.noise_indices) == len(poisoned.poison_indices) == 16
+  with np.load(os.path.join(workdir, "train", "split.npz")) as split:
+    assert len(split["noise_indices"]) == len(split["poison_indices"]) == 16
+  assert os.path.exists(train_stage.prepared_path(workdir))
   ctx = pipeline.make_context(config, workdir, progress=False)
   for saved, made in zip(jax.tree.leaves(ctx.trigger), jax.tree.leaves(prepared)):
     np.testing.assert_array_equal(np.asarray(saved), np.asarray(made))

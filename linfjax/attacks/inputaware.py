@@ -1,10 +1,12 @@
 """Input-aware dynamic backdoor: a generated pattern and mask for each image.
 
 `T(x) = x + m(x) * (g(x) - x)`: a pattern generator `g` and a mask generator `m`, both small
-conv nets (encoder-decoder, `depth` levels of two 3x3 conv-ReLU and a 2x2 max-pool, a middle
-conv, then `depth` levels of bilinear upsampling and two 3x3 convs, the last without ReLU), map
-the image to `tanh(out) / (2 + 1e-7) + 0.5` in [0, 1]; the mask is then sharpened to almost 0
-or 1 by `tanh(20 m - 10) / (2 + 1e-7) + 0.5`. Each image carries its own trigger. The noise
+conv nets (encoder-decoder: `depth` levels of two 3x3 conv-BN-ReLU blocks and a 2x2 max-pool, a
+middle block, then `depth` levels of bilinear upsampling and two blocks, the last without
+ReLU), map the image to `tanh(out) / (2 + 1e-7) + 0.5` in [0, 1]; the mask is then sharpened
+to almost 0 or 1 by `tanh(20 m - 10) / (2 + 1e-7) + 0.5`. Batch norm uses each batch's
+statistics while the generators train and the running ones (momentum 0.05) in the trigger, as
+the reference's nets in train and eval mode. Each image carries its own trigger. The noise
 ("cross") mode stamps each image with the pattern and mask generated from ANOTHER image of the
 batch and keeps its true label, so that a pattern only triggers on the image it was made for.
 
@@ -30,11 +32,13 @@ What differs:
     linfjax evaluates (saved in train/prepared_attack.npz), which a generator still moving
     with the classifier would not give.
   - Smaller generators: `channels` 16 and `depth` 2 by default (the reference: 32 and 3 on
-    CIFAR-10 and GTSRB, 16 and 2 on MNIST), no batch normalisation (the reference has it in
-    every conv block), upsampling to the encoder's own sizes (so any image side >= 2^depth
-    works), inputs `2 x - 1` instead of the dataset's normalisation, no augmentation while
-    preparing (the reference's loaders crop and rotate); the mask loss weighs `div` by
-    `lambda_div` once (the reference multiplies it in twice; equal at its default 1).
+    CIFAR-10 and GTSRB, 16 and 2 on MNIST); upsampling to the encoder's own sizes (so any
+    image side >= 2^depth works); inputs `2 x - 1` instead of the dataset's normalisation; no
+    augmentation while preparing (the reference's loaders crop and rotate); the running batch
+    statistics follow the first batch of each step once (the reference's, every forward
+    call); the mask loss weighs `div` by `lambda_div` once (the reference multiplies it in
+    twice; equal at its default 1); the pattern net's lr schedule (x0.1 from epoch 200) never
+    applies within its epochs here.
   - The cross examples in a training step take their pattern from a random other image of the
     same batch (a random cyclic order, so never their own), which may itself be a poisoned,
     stamped one; the reference draws it from a second loader of clean images.
