@@ -5,8 +5,8 @@ leading axis that `jax.vmap` maps over) with two methods:
   - `stamp(images)`: the triggered batch, images [B, H, W, C] float32 in [0, 1];
   - `region()`: [H, W] bool, where the trigger changes the image;
 and, where the attack has one, `noise_mode(images, key)` (WaNet's, Input-aware's). `apply`,
-`region` and `apply_noise_mode` are what every caller uses; a trigger's type is static under `jit`, so
-each kind compiles to its own code.
+`region` and `apply_noise_mode` are what every caller uses; a trigger's type is static under
+`jit`, so each kind compiles to its own code.
 
 An `Attack` (one per file in linfjax/attacks/, listed in `ATTACKS`) says how a config's
 `trigger` block builds its trigger, which fields of that block it reads (its `Settings`),
