@@ -13,6 +13,7 @@ of `linfjax.defenses.DEFAULT_SYNTHETIC` and `BASELINES` (new ones join both axes
 themselves). It takes hours on 2 CPU cores; a killed grid resumes where it stopped when the
 same command is run again (`--shard=I/N` splits it among processes, linfjax/runs/sweep.py).
 Every attack poisons 8 % of the training images (SIG's quick rate, clean-label as published).
+Each run also trains ABL's model (the training-time defense, its column "abl").
 """
 
 from linfjax import attacks, defenses
@@ -24,5 +25,6 @@ def get_config(variant: str = "quick"):
   config.trigger.update(attacks.PRESETS["patch"])
   config.poison.rate = 0.08
   config.prune.defenses = tuple(dict.fromkeys(defenses.DEFAULT_SYNTHETIC + defenses.BASELINES))
+  config.abl.enabled = True
   config.sweep.axes = f"trigger={','.join(attacks.PRESETS)} seed=0,1,2"
   return config

@@ -24,6 +24,7 @@ IBAU = 8  # i-BAU's batches of S and the images its outer loss perturbs.
 RNP = 9  # RNP's shuffles and augmentation on S, unlearning and mask recovery.
 SAU = 10  # SAU's shuffles on S.
 ATTACK_PREPARATION = 11  # An attack made on the clean model (LF, TrojanNN, LC, Input-aware).
+ABL = 12  # ABL's model: its initial weights, each phase's shuffles and augmentation.
 # Folded into a training step's key for WaNet's noise-mode noise (apart from augmentation).
 NOISE_MODE = 1
 

@@ -171,3 +171,27 @@ def test_the_bench_grid_is_every_attack_preset_by_three_seeds_and_every_defense(
   chosen = tuple(runs[0].config.prune.defenses)
   assert chosen[:1] == ("linf",) and {"l2", "l1", *defenses.BASELINES} <= set(chosen)
   assert chosen == tuple(dict.fromkeys(defenses.DEFAULT_SYNTHETIC + defenses.BASELINES))
+  assert runs[0].config.abl.enabled
+
+
+def test_abl_is_a_column_from_the_train_stage(tmp_path):
+  root = str(tmp_path)
+  listed = []
+  for seed, abl in [(0, {"CA": 55.0, "ASR": 4.0, "RA": 50.0, "DER": 90.0}), (1, None)]:
+    name = f"seed={seed}"
+    listed.append({"name": name, "values": {"seed": seed}})
+    _write_json(os.path.join(root, "runs", name, "config.json"),
+                {"seed": seed, "stages": ["train", "reverse", "prune"],
+                 "abl": {"enabled": abl is not None},
+                 "prune": {"defenses": ["linf"]}})
+    result = _finished(60.0, 90.0, {"linf": _numbers(59.0, 10.0, 90.0)})
+    if abl is not None:
+      result["train"]["abl"] = abl
+    _write_json(os.path.join(root, "runs", name, "results.json"), result)
+  _write_json(os.path.join(root, "grid.json"),
+              {"axes": [{"field": "seed", "values": [0, 1]}], "runs": listed})
+  table = bench_table.build(root)
+  assert table.columns == ["no defense", "abl", "linf"]
+  abl_cell = table.cells[0][1]
+  assert abl_cell.values == {"CA": [55.0], "ASR_real": [4.0], "DER": [90.0]}
+  assert abl_cell.reasons == {"not run: abl.enabled was off": 1}

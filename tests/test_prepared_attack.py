@@ -6,9 +6,10 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from linfjax import attacks
-from linfjax.runs import pipeline
+from linfjax.runs import checkpoints, pipeline
 from linfjax.runs.stages import train as train_stage
 from test_pipeline import tiny_config
 
@@ -59,3 +60,37 @@ def test_prepared_attack_is_made_on_the_vanilla_model_and_read_back(cifar_dir, t
   np.testing.assert_allclose(np.asarray(ctx.trigger.pattern), 0.5)
   built = attacks.from_config(config.trigger, ctx.dataset.image_shape)
   assert not np.allclose(np.asarray(built.pattern), 0.5)
+
+
+def test_a_finished_run_without_its_prepared_attack_is_refused(cifar_dir, tmp_path, monkeypatch):
+  made_on_clean = dataclasses.replace(attacks.ATTACKS["patch"],
+                                      prepare=lambda values, trigger, clean_model: trigger)
+  monkeypatch.setitem(attacks.ATTACKS, "patch", made_on_clean)
+  config = tiny_config(cifar_dir)
+  config.stages = ("train", "reverse")
+  workdir = str(tmp_path / "run")
+
+  def stop_after_training(ctx):
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as patched:
+    patched.setitem(pipeline.STAGES, "reverse", stop_after_training)
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.run(config, workdir, progress=False)
+  os.remove(train_stage.prepared_path(workdir))
+  with pytest.raises(checkpoints.CheckpointError, match="prepared_attack.npz: missing"):
+    pipeline.run(config, workdir, progress=False)
+  assert not os.path.exists(os.path.join(workdir, "reverse"))
+
+
+def test_api_train_refuses_an_attack_made_on_a_clean_model(cifar_dir, monkeypatch):
+  import linfjax
+  made_on_clean = dataclasses.replace(attacks.ATTACKS["patch"],
+                                      prepare=lambda values, trigger, clean_model: trigger)
+  monkeypatch.setitem(attacks.ATTACKS, "patch", made_on_clean)
+  config = tiny_config(cifar_dir)
+  dataset = linfjax.load_dataset(config)
+  split = linfjax.clean_set(dataset, size=20, seed=0)
+  trigger = linfjax.make_attack(config.trigger, dataset.image_shape)
+  with pytest.raises(attacks.TriggerError, match="made on a clean model.*run\\(config, workdir"):
+    linfjax.train(config, dataset, split, trigger)

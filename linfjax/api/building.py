@@ -160,12 +160,19 @@ def train(config: ml_collections.ConfigDict, dataset: data.Dataset, split: data.
     `model.apply(variables, images)` gives (logits [B, K], probe activations).
 
   Raises:
-    ConfigError: an invalid config field; TrainingDiverged: a non-finite loss.
+    ConfigError: an invalid config field; TrainingDiverged: a non-finite loss;
+    TriggerError: a backdoored model of an attack made on a clean model (`attacks.Attack`'s
+      `prepare`), which only `run` trains.
   """
   config_lib.validate(config)
   config_lib.validate_against_data(config, image_shape=dataset.image_shape,
                                    num_classes=dataset.num_classes,
                                    num_train=len(dataset.train_labels))
+  if backdoored and attacks.needs_clean_model(config.trigger):
+    raise attacks.TriggerError(
+        f"the {config.trigger.kind} attack is made on a clean model, which `train` does not "
+        "do; `run(config, workdir)` trains the vanilla model first, prepares the attack on it "
+        "and trains the backdoored one (`load_run(workdir).trigger` is the prepared trigger)")
   images, labels = _train_subset(dataset, split)
   training_set = (poison(config, dataset, split, trigger) if backdoored else
                   poison_lib.clean(images, labels))

@@ -15,7 +15,7 @@ import dataclasses
 from typing import Any
 
 from linfjax import settings
-from linfjax.attacks import bpp, ftrojan, inputaware, mask_pattern, sig, wanet
+from linfjax.attacks import bpp, ftrojan, inputaware, lc, lf, mask_pattern, sig, trojannn, wanet
 from linfjax.attacks.base import (Attack, CleanModel, TriggerError, TriggerLike, apply,
                                   apply_noise_mode, region)
 from linfjax.attacks.bpp import Quantized
@@ -34,6 +34,9 @@ ATTACKS: dict[str, Attack] = {
     "wanet": wanet.WANET,
     "bpp": bpp.BPP,
     "ftrojan": ftrojan.FTROJAN,
+    "trojannn": trojannn.TROJANNN,
+    "lc": lc.LC,
+    "lf": lf.LF,
     "inputaware": inputaware.INPUTAWARE,
 }
 # What `trigger=NAME` sets in a grid, and what configs/cifar_<NAME>.py use.

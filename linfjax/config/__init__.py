@@ -7,6 +7,7 @@ rule and meaning (linfjax/settings.py), by the module that reads them:
   poison     linfjax.attacks.poison.Settings
   model      linfjax.models.Settings
   train      linfjax.training.train.Settings
+  abl        linfjax.training.abl.Settings (ABL, the training-time defense)
   reverse    linfjax.detection.neural_cleanse.Settings, linfjax.detection.outliers.Settings,
              and `ReverseStage` here
   prune      linfjax.defenses.pruning.Settings, linfjax.defenses.Choice, and each defense's
@@ -30,7 +31,7 @@ from linfjax.attacks import poison
 from linfjax.defenses import pruning
 from linfjax.detection import neural_cleanse, outliers
 from linfjax.settings import ConfigError, boolean, choice, described, fail, integer, spec
-from linfjax.training import train
+from linfjax.training import abl, train
 
 STAGES = ("train", "reverse", "analysis", "prune")
 # A protocol is every choice that differs between two ways of running the same experiment,
@@ -113,6 +114,7 @@ def blocks() -> dict[str, tuple[type[settings.Settings], ...]]:
       "poison": (poison.Settings,),
       "model": (models.Settings,),
       "train": (train.Settings,),
+      "abl": (abl.Settings,),
       "reverse": (neural_cleanse.Settings, outliers.Settings, ReverseStage),
       "prune": (pruning.Settings, defenses.Choice),
       **{f"prune.{name}": (owner,) for name, owner in defenses.blocks().items() if name},
@@ -161,6 +163,8 @@ def make_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.prune.anp.iterations = 200
   # Ours: RNP's two phases shortened (the references: at most 20 epochs each).
   config.prune.rnp.update(unlearning_epochs=10, recovering_epochs=5)
+  # Ours: ABL's 20 + 60 + 20 epochs scaled to the quick 10 (the same 1:3:1 shares), when on.
+  config.abl.update(isolation_epochs=2, finetuning_epochs=6, unlearning_epochs=2)
   return config
 
 

@@ -16,8 +16,7 @@ batch-norm statistics are updated from the first (unperturbed) pass only; epochs
 batch are `prune.fine_tune`'s (BackdoorBench: 100 epochs at lr 0.01 on 5 % of the training
 set), so the quick setting tunes for that block's epochs.
 
-`tune_on_s` is the loop this module and NAD (nad.py) share: a jitted, donated step over S
-with augmentation; the step's loss is the caller's.
+The loop over S is `training.finetune.tune`'s; this module gives it SAM's step.
 """
 
 from __future__ import annotations
@@ -27,16 +26,14 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from linfjax import keys, pixels
+from linfjax import keys
 from linfjax import settings as settings_lib
 from linfjax.defenses import fine_tuning
 from linfjax.defenses.base import Defense, Inputs, Record
 from linfjax.settings import number, spec
-from linfjax.training import finetune, train
+from linfjax.training import finetune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,70 +55,22 @@ def sam_gradient(loss_fn: Callable, params, rho: float):
   return loss, aux, sharp
 
 
-def tune_on_s(inputs: Inputs, recipe: finetune.Recipe, step_loss: Callable, *, salt: int,
-              extra=None) -> dict:
-  """Fine-tunes the inputs' model on S; returns its new variables.
-
-  step_loss(state, x, y, extra) -> (loss, batch_stats, grads): one batch's loss and gradient
-  (x: augmented images in [0, 1]); `extra` is passed through (a pytree, e.g. a teacher).
-
-  Raises:
-    train.TrainingDiverged: when the loss is not finite.
-  """
-  batch_size = min(recipe.batch_size, len(inputs.labels))
-  steps = train.steps_per_epoch(len(inputs.labels), batch_size)
-  state = train.create_state(inputs.model, jax.tree.map(jnp.array, inputs.variables),
-                             train.make_optimizer(recipe, recipe.epochs * steps))
-  step = _compiled(step_loss, recipe.padding, recipe.flip, recipe.padding_mode)
-  images, labels = jnp.asarray(inputs.images), jnp.asarray(inputs.labels, jnp.int32)
-  shuffle_key, augment_key = jax.random.split(keys.run_key(inputs.seed, salt))
-  losses = []
-  for epoch in range(recipe.epochs):
-    for rows in np.asarray(train.epoch_batches(jax.random.fold_in(shuffle_key, epoch),
-                                               len(labels), batch_size)):
-      state, loss = step(state, images, labels, rows, augment_key, extra)
-      losses.append(loss)
-  losses = np.asarray(jnp.stack(losses))
-  if not np.all(np.isfinite(losses)):
-    raise train.TrainingDiverged(f"the loss on S became {losses[~np.isfinite(losses)][0]}; "
-                                 "lower prune.fine_tune.learning_rate")
-  return train.variables(state)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(step_loss: Callable, padding: int, flip: bool, padding_mode: str) -> Callable:
-  def step(state, images, labels, rows, key, extra):
-    x = train.augment(jax.random.fold_in(key, state.step), pixels.to_unit_float(images[rows]),
-                      padding=padding, flip=flip, padding_mode=padding_mode)
-    loss, batch_stats, grads = step_loss(state, x, labels[rows], extra)
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
-  return jax.jit(step, donate_argnums=0)
-
-
-def cross_entropy(state, x, y):
-  """params -> (the batch's cross-entropy, new batch stats), batch norm in training mode."""
-  def loss_fn(params):
-    (logits, _), updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                          x, train=True, mutable=["batch_stats"])
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
-            updates["batch_stats"])
-  return loss_fn
-
-
 @functools.lru_cache(maxsize=None)
 def sam_step(rho: float) -> Callable:
-  """The step_loss of `tune_on_s` for SAM with radius rho (one object per rho: one compile)."""
+  """The step loss of `finetune.tune` for SAM with radius rho (one object per rho: one compile)."""
   def step_loss(state, x, y, extra):
     del extra
-    loss, batch_stats, grads = sam_gradient(cross_entropy(state, x, y), state.params, rho)
+    loss, batch_stats, grads = sam_gradient(finetune.cross_entropy(state, x, y),
+                                             state.params, rho)
     return loss, batch_stats, grads
   return step_loss
 
 
 def _run(inputs: Inputs, both) -> Record:
   values, tuning = both
-  defended = tune_on_s(inputs, fine_tuning.recipe(inputs, tuning), sam_step(values.rho),
-                       salt=keys.FT_SAM)
+  defended = finetune.tune(inputs.model, inputs.variables, inputs.images, inputs.labels,
+                           fine_tuning.recipe(inputs, tuning), sam_step(values.rho),
+                           key=keys.run_key(inputs.seed, keys.FT_SAM))
   return Record(pruned=0, variables=defended,
                 details={"chosen_on": "S", "rho": values.rho, "epochs": tuning.epochs})
 

@@ -32,7 +32,8 @@ import optax
 
 from linfjax import keys
 from linfjax import settings as settings_lib
-from linfjax.defenses import fine_tuning, ft_sam
+from linfjax.defenses import fine_tuning
+from linfjax.training import finetune
 from linfjax.defenses.base import Defense, Inputs, Record
 from linfjax.settings import number, spec
 
@@ -60,7 +61,7 @@ def distillation_loss(student: dict, teacher: dict, power: float) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def nad_step(beta: float, power: float):
-  """The step_loss of `ft_sam.tune_on_s` for NAD (extra: the teacher's variables)."""
+  """The step loss of `finetune.tune` for NAD (extra: the teacher's variables)."""
   def step_loss(state, x, y, teacher):
     _, teacher_maps = state.apply_fn(teacher, x, train=False)
     teacher_maps = jax.lax.stop_gradient(teacher_maps)
@@ -83,9 +84,9 @@ def _run(inputs: Inputs, both) -> Record:
     raise ValueError("nad distils attention at the model's probe layers; it has none")
   unpruned = {inputs.layer: np.ones(inputs.neurons(inputs.layer), np.float32)}
   teacher = fine_tuning.tuned(inputs, unpruned, tuning)
-  student = ft_sam.tune_on_s(inputs, fine_tuning.recipe(inputs, tuning),
-                             nad_step(values.beta, values.power), salt=keys.NAD,
-                             extra=teacher)
+  student = finetune.tune(inputs.model, inputs.variables, inputs.images, inputs.labels,
+                          fine_tuning.recipe(inputs, tuning), nad_step(values.beta, values.power),
+                          key=keys.run_key(inputs.seed, keys.NAD), extra=teacher)
   return Record(pruned=0, variables=student,
                 details={"chosen_on": "S", "beta": values.beta, "power": values.power,
                          "layers": list(inputs.model.probe_layers), "epochs": tuning.epochs})

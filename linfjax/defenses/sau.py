@@ -49,7 +49,8 @@ import optax
 
 from linfjax import keys
 from linfjax import settings as settings_lib
-from linfjax.defenses import fine_tuning, ft_sam
+from linfjax.defenses import fine_tuning
+from linfjax.training import finetune
 from linfjax.defenses.base import Defense, Inputs, Record
 from linfjax.settings import fail, integer, number, spec
 
@@ -149,7 +150,7 @@ def unlearning_loss(logits, adv_logits, adv_logits_ref, clean_pred_ref, labels,
 
 @functools.lru_cache(maxsize=None)
 def sau_step(values: Settings) -> Callable:
-  """The step_loss of `ft_sam.tune_on_s` for SAU (extra: the backdoored model's variables)."""
+  """The step loss of `finetune.tune` for SAU (extra: the backdoored model's variables)."""
   def step_loss(state, x, y, reference):
     logits_fn = lambda variables, images: state.apply_fn(variables, images, train=False)[0]
     current = {"params": state.params, "batch_stats": state.batch_stats}
@@ -172,8 +173,9 @@ def _run(inputs: Inputs, both) -> Record:
   values, tuning = both
   recipe = dataclasses.replace(fine_tuning.recipe(inputs, tuning), padding=0, flip=False)
   reference = jax.tree.map(jnp.asarray, inputs.variables)
-  defended = ft_sam.tune_on_s(inputs, recipe, sau_step(values), salt=keys.SAU,
-                              extra=reference)
+  defended = finetune.tune(inputs.model, inputs.variables, inputs.images, inputs.labels,
+                           recipe, sau_step(values), key=keys.run_key(inputs.seed, keys.SAU),
+                           extra=reference)
   return Record(pruned=0, variables=defended,
                 details={"chosen_on": "S", "epochs": tuning.epochs,
                          **dataclasses.asdict(values)})

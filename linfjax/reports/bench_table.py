@@ -38,6 +38,7 @@ from linfjax import errors, files
 from linfjax.reports import figures, grid_runs, html
 
 NO_DEFENSE = "no defense"
+TRAINING_DEFENSE = "abl"  # Trained in the train stage (results.json train.abl), not a prune one.
 SEED_AXIS = "seed"
 # results.json key -> (heat map title, colormap): CA after, ASR after (real trigger), DER.
 METRICS = {"CA": ("CA after the defense (%)", "viridis"),
@@ -127,6 +128,10 @@ def outcome(results: dict, source: str, column: str) -> dict[str, float] | str:
   """One finished run's numbers under `column` (a defense or NO_DEFENSE), or why none."""
   if column == NO_DEFENSE:
     return _numbers(results.get("train", {}).get("backdoored"), {"CA": "CA", "ASR_real": "ASR"})
+  if column == TRAINING_DEFENSE:
+    return (_numbers(results.get("train", {}).get(TRAINING_DEFENSE),
+                     {"CA": "CA", "ASR_real": "ASR", "DER": "DER"})
+            or "not run: abl.enabled was off")
   entry = results.get("prune", {}).get(source) if isinstance(results.get("prune"), dict) else None
   if not isinstance(entry, dict):
     return f"not run: results.json has no prune.{source}"
@@ -140,7 +145,7 @@ def outcome(results: dict, source: str, column: str) -> dict[str, float] | str:
 
 def _defenses(configs: Sequence[dict], results: Sequence[dict], source: str) -> list[str]:
   """The defenses the runs name for `source`, configs first, in order of first mention."""
-  named = []
+  named = [TRAINING_DEFENSE] if any(config.get("abl", {}).get("enabled") for config in configs) else []
   for config in configs:
     listed = config.get("prune", {}).get(_CONFIG_KEYS[source], [])
     named += [name for name in listed if isinstance(name, str)]

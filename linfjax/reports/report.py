@@ -28,6 +28,11 @@ def _train_section(entry: dict, config: dict, results: dict) -> str:
           for kind in ("backdoored", "vanilla") if kind in entry]
   counts = f"poisoned training images: {entry.get('poisoned', '-')}, clean set S: " \
            f"{entry.get('clean_set', '-')} images"
+  if isinstance(entry.get("abl"), dict):
+    abl = entry["abl"]
+    rows.append(("ABL (trained on the poisoned set)", *(abl.get(k) for k in ("CA", "ASR", "RA"))))
+    counts += (f"; ABL isolated {abl.get('isolated')} training images, "
+               f"{abl.get('isolated_poisoned')} of them poisoned (DER {html.number(abl.get('DER'))})")
   return html.table(["model", "CA", "ASR", "RA"], rows) + f"<p>{html.escape(counts)}</p>"
 
 
@@ -145,6 +150,9 @@ def _summary_rows(results: dict) -> list[tuple]:
   rows = [(f"{kind}, no defense", "-", *(values.get(k) for k in ("CA", "ASR", "RA")))
           for kind, values in results.get("train", {}).items()
           if kind in ("backdoored", "vanilla")]
+  if isinstance(results.get("train", {}).get("abl"), dict):
+    rows.append(("ABL (training-time)", "-",
+                 *(results["train"]["abl"].get(k) for k in ("CA", "ASR", "RA"))))
   for source, values in results.get("prune", {}).items():
     for method, numbers in values.items():
       if isinstance(numbers, dict):

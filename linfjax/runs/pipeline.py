@@ -209,8 +209,8 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
   clean_set = data.clean_set_size(config.data, len(dataset.train_labels))
   held_out = 0 if config.data.clean_set_from == "training" else clean_set
   num_train, test = len(dataset.train_labels) - held_out, len(dataset.test_labels)
-  models = 2  # backdoored and vanilla
-  train_steps = config.train.epochs * (num_train // config.train.batch_size)
+  models = len(train_stage.MODEL_KINDS)  # backdoored and vanilla
+  train_steps = train_stage.training_epochs(config) * (num_train // config.train.batch_size)
   reverse = config.reverse
   per_step = (reverse.mini_batches * reverse.batch_size * 3.0
               + min(reverse.success_images, clean_set))
@@ -218,7 +218,7 @@ def estimate_work(config: ml_collections.ConfigDict, dataset: data.Dataset) -> d
   prune = sum(defenses.DEFENSES[name].cost(work) for source in prune_stage.SOURCES
               for name in prune_stage.defense_names(config, source))
   return {
-      "train": models * train_steps * config.train.batch_size * 3.0,
+      "train": train_steps * config.train.batch_size * 3.0,
       "reverse": models * reverse.steps * per_step * dataset.num_classes,
       "analysis": models * 3 * (clean_set + 3 * analysis_stage.ATTENTION_IMAGES),
       "prune": prune,
@@ -241,6 +241,12 @@ def check_trained_models(ctx: RunContext, pending: list[str]) -> None:
   """
   if "train" in pending or not set(pending) & set(MODEL_STAGES):
     return
+  prepared = train_stage.prepared_path(ctx.workdir)
+  if attacks.needs_clean_model(ctx.config.trigger) and not os.path.exists(prepared):
+    raise checkpoints.CheckpointError(
+        f"{prepared}: missing; the {ctx.config.trigger.kind} attack was made on the vanilla "
+        f"model in the train stage and saved there. Delete {os.path.join(ctx.workdir, 'train')} "
+        f"and {os.path.join(ctx.workdir, 'results.json')} to train again, then rerun")
   for kind in train_stage.MODEL_KINDS:
     directory = train_stage.checkpoint_dir(ctx.workdir, kind)
     try:

@@ -155,14 +155,17 @@ def augment(key: jax.Array, images: jax.Array, *, padding: int, flip: bool,
 
 def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
                trigger: attacks.AnyTrigger, key: jax.Array, *, padding: int, flip: bool,
-               padding_mode: str = "zeros"):
+               padding_mode: str = "zeros", objective: Callable | None = None):
   """One SGD step on the examples `batch_indices` of `data`.
 
   The augmentation draws from `fold_in(key, state.step)`, so a resumed run repeats it;
-  the noise mode's noise (WaNet) from a key folded from that one.
+  the noise mode's noise (WaNet) from a key folded from that one. `objective` maps the
+  batch's mean cross-entropy to the loss minimised (None: the cross-entropy itself; ABL's
+  flooding or gradient ascent, linfjax/training/abl.py).
 
   Returns:
-    The new state and {'loss', 'accuracy'} of this batch (before the update).
+    The new state and {'loss', 'accuracy'} of this batch (before the update; the loss is
+    the cross-entropy).
   """
   images = pixels.to_unit_float(data.images[batch_indices])
   labels = data.labels[batch_indices]
@@ -179,19 +182,24 @@ def train_step(state: TrainState, data: DeviceData, batch_indices: jax.Array,
         {"params": params, "batch_stats": state.batch_stats}, images, train=True,
         mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (logits, updates["batch_stats"])
+    minimised = loss if objective is None else objective(loss)
+    return minimised, (loss, logits, updates["batch_stats"])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, {"loss": loss, "accuracy": accuracy}
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(padding: int, flip: bool, padding_mode: str = "zeros") -> Callable:
-  """The jitted step for one augmentation setting, cached so every run shares it."""
+def compiled_step(padding: int, flip: bool, padding_mode: str = "zeros",
+                  objective: Callable | None = None) -> Callable:
+  """The jitted step for one augmentation setting and objective, cached so every run
+  shares it."""
   return jax.jit(functools.partial(train_step, padding=padding, flip=flip,
-                                   padding_mode=padding_mode), donate_argnums=0)
+                                   padding_mode=padding_mode, objective=objective),
+                 donate_argnums=0)
 
 
 def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
@@ -203,7 +211,7 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
 
 def train_epoch(state: TrainState, data: DeviceData, trigger: attacks.AnyTrigger, *,
                 key: jax.Array, epoch: int, batch_size: int, padding: int, flip: bool,
-                padding_mode: str = "zeros",
+                padding_mode: str = "zeros", objective: Callable | None = None,
                 on_step: Callable[[dict], None] | None = None) -> tuple[TrainState, dict]:
   """Runs one epoch; raises TrainingDiverged naming the first step whose loss is not finite.
 
@@ -213,7 +221,7 @@ def train_epoch(state: TrainState, data: DeviceData, trigger: attacks.AnyTrigger
   The shuffle draws from `fold_in(shuffle key, epoch)` and augmentation from the step
   number, so a run resumed at an epoch boundary repeats the same batches.
   """
-  step_fn = compiled_step(padding, flip, padding_mode)
+  step_fn = compiled_step(padding, flip, padding_mode, objective)
   shuffle_key, augment_key = jax.random.split(key)
   num_examples = data.labels.shape[0]
   batches = np.asarray(epoch_batches(jax.random.fold_in(shuffle_key, epoch), num_examples,
@@ -243,6 +251,7 @@ class Recipe:
   padding: int
   flip: bool
   padding_mode: str = "zeros"
+  objective: Callable | None = None  # The batch's mean cross-entropy -> the loss minimised.
 
   @classmethod
   def from_config(cls, train_config) -> "Recipe":
@@ -259,7 +268,7 @@ def fit(state: TrainState, data: DeviceData, trigger: attacks.AnyTrigger, recipe
     state, metrics = train_epoch(state, data, trigger, key=key, epoch=epoch,
                                  batch_size=recipe.batch_size, padding=recipe.padding,
                                  flip=recipe.flip, padding_mode=recipe.padding_mode,
-                                 on_step=on_step)
+                                 objective=recipe.objective, on_step=on_step)
     if on_epoch_end is not None:
       on_epoch_end(epoch, state, metrics)
   return state

@@ -32,7 +32,7 @@ from absl import logging
 
 from linfjax.runs import checkpoints
 from linfjax import files, keys
-from linfjax.training import metrics, train
+from linfjax.training import abl, metrics, train
 from linfjax import models
 from linfjax import attacks
 from linfjax.attacks import poison
@@ -84,6 +84,13 @@ def _initial_state(ctx: RunContext, num_examples: int):
   model = ctx.model()
   return model, train.initial_state(model, ctx.config.train, image_shape=ctx.dataset.image_shape,
                                     num_examples=num_examples, seed=ctx.config.seed)
+
+
+def training_epochs(config) -> int:
+  """Epochs over the training set the stage runs: both models', and ABL's model's (its
+  isolation and fine-tuning; unlearning sees only the isolated few) when it is on."""
+  abl_epochs = config.abl.isolation_epochs + config.abl.finetuning_epochs
+  return len(MODEL_KINDS) * config.train.epochs + (abl_epochs if config.abl.enabled else 0)
 
 
 def checkpoint_dir(workdir: str, kind: str) -> str:
@@ -151,8 +158,8 @@ def _train_model(ctx: RunContext, kind: str, training_set: poison.PoisonedSet, l
   if start_epoch:
     logging.info("train/%s: resuming after epoch %d of %d", kind, start_epoch, cfg.epochs)
   steps = train.steps_per_epoch(len(training_set.labels), cfg.batch_size)
-  bar = ctx.progress.bar(f"train {kind}", cfg.epochs * steps, part=1 / len(MODEL_KINDS),
-                         initial=start_epoch * steps)
+  bar = ctx.progress.bar(f"train {kind}", cfg.epochs * steps,
+                         part=cfg.epochs / training_epochs(ctx.config), initial=start_epoch * steps)
   epoch_log = log.setdefault("epochs", [])
   started = time.perf_counter()
 
@@ -267,7 +274,7 @@ def run(ctx: RunContext) -> dict:
         continue
     else:
       images = prepare_attack(ctx, *trained["vanilla"]) if prepared else ctx.train_images
-      training_set = backdoored_set(ctx, images)
+      training_set = poisoned_set = backdoored_set(ctx, images)
       files.write_npz(os.path.join(stage_dir, "split.npz"),
                       clean_set_indices=ctx.split.clean_set_indices,
                       train_indices=ctx.split.train_indices,
@@ -285,5 +292,47 @@ def run(ctx: RunContext) -> dict:
     logging.info("train/%s: CA %.2f ASR %.2f RA %.2f", kind, result[kind]["CA"],
                  result[kind]["ASR"], result[kind]["RA"])
   result["clean_set"] = int(len(ctx.split.clean_set_indices))
+  ordered = {kind: result[kind] for kind in (*MODEL_KINDS, "poisoned", "clean_set")}
+  if cfg.abl.enabled:
+    ordered["abl"] = log["abl"] = _anti_backdoor_learning(ctx, poisoned_set, result["backdoored"])
   files.write_json(os.path.join(stage_dir, "metrics.json"), log)
-  return {kind: result[kind] for kind in (*MODEL_KINDS, "poisoned", "clean_set")}
+  return ordered
+
+
+def _anti_backdoor_learning(ctx: RunContext, training_set: poison.PoisonedSet,
+                            backdoored: dict) -> dict:
+  """ABL's model on the backdoored model's training set (linfjax/training/abl.py), trained
+  unless its checkpoint is there; its CA / ASR / RA, DER against `backdoored`, and how many
+  of the examples it isolated are poisoned."""
+  cfg = ctx.config
+  model = ctx.model()
+  store = checkpoints.StageCheckpoints(checkpoint_dir(ctx.workdir, "abl"))
+  count = abl.isolated_count(len(training_set.labels), cfg.abl.isolation_ratio)
+  like = {"variables": models.init(model, jax.random.key(0), ctx.dataset.image_shape),
+          "isolated": np.zeros(count, np.int32)}
+  if store.latest_step() == 1:
+    saved = store.restore(like)
+  else:
+    bar = ctx.progress.bar("train abl", 3, unit="phase", part=(
+        cfg.abl.isolation_epochs + cfg.abl.finetuning_epochs) / training_epochs(cfg))
+    variables, isolated = abl.anti_backdoor_learning(
+        model, train.to_device(training_set), ctx.trigger, train.Recipe.from_config(cfg.train),
+        abl.Settings.from_config(cfg.abl), image_shape=ctx.dataset.image_shape, seed=cfg.seed,
+        on_phase=lambda name: (logging.info("train/abl: %s", name), bar.update(1)))
+    bar.close()
+    saved = {"variables": variables, "isolated": isolated.astype(np.int32)}
+    store.save(1, saved)
+  store.close()
+  numbers = metrics.evaluate(
+      model.apply, saved["variables"], ctx.dataset.test_images, ctx.dataset.test_labels,
+      ctx.trigger, target=cfg.poison.target, mode=cfg.poison.mode,
+      num_classes=ctx.dataset.num_classes, batch_size=cfg.train.eval_batch_size)
+  isolated = np.asarray(saved["isolated"])
+  numbers["DER"] = metrics.der(ca_before=backdoored["CA"], ca_after=numbers["CA"],
+                               asr_before=backdoored["ASR"], asr_after=numbers["ASR"])
+  numbers["isolated"] = int(len(isolated))
+  numbers["isolated_poisoned"] = int(np.isin(isolated, training_set.poison_indices).sum())
+  logging.info("train/abl: CA %.2f ASR %.2f RA %.2f; %d of its %d isolated examples poisoned",
+               numbers["CA"], numbers["ASR"], numbers["RA"], numbers["isolated_poisoned"],
+               numbers["isolated"])
+  return numbers
