@@ -195,34 +195,34 @@ class InputAware(NamedTuple):
     return cross(self, images, other_images(images, key))
 
 
+def _field(default, rule: settings.Rule, doc: str):
+  """A field of this attack: checked while `kind` is 'inputaware'."""
+  return spec(default, rule.when("kind", "inputaware"), f"Input-aware: {doc}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings(settings.Settings):
   """The `trigger` block's fields of the input-aware attack."""
-  inputaware_channels: int = spec(CHANNELS, integer(1).when("kind", "inputaware"),
-                                  "Input-aware: the generators' first conv width (doubling "
-                                  "with each level; the reference's 32).")
-  inputaware_depth: int = spec(DEPTH, integer(1).when("kind", "inputaware"),
-                               "Input-aware: the generators' down/up levels (the reference's 3).")
-  inputaware_seed: int = spec(0, integer(0).when("kind", "inputaware"),
-                              "Input-aware: seed of the generators' initial weights.")
-  inputaware_mask_epochs: int = spec(MASK_EPOCHS, integer(0).when("kind", "inputaware"),
-                                     "Input-aware: epochs the mask net pre-trains alone.")
-  inputaware_epochs: int = spec(EPOCHS, integer(0).when("kind", "inputaware"),
-                                "Input-aware: epochs the pattern net trains on the clean model.")
-  inputaware_batch_size: int = spec(BATCH_SIZE, integer(2).when("kind", "inputaware"),
-                                    "Input-aware: batch size of the generators' training.")
-  inputaware_lr: float = spec(LR, number(0.0, 10.0, low_open=True).when("kind", "inputaware"),
-                              "Input-aware: Adam's learning rate for both generators.")
-  inputaware_lambda_div: float = spec(LAMBDA_DIV,
-                                      number(0.0, 1e4).when("kind", "inputaware"),
-                                      "Input-aware: weight of the diversity loss.")
-  inputaware_lambda_norm: float = spec(LAMBDA_NORM,
-                                       number(0.0, 1e6).when("kind", "inputaware"),
-                                       "Input-aware: weight of the mask's size loss.")
-  inputaware_mask_density: float = spec(MASK_DENSITY,
-                                        number(0.0, 1.0).when("kind", "inputaware"),
-                                        "Input-aware: the mask's share of the image beyond "
-                                        "which its size loss grows.")
+  inputaware_channels: int = _field(CHANNELS, integer(1), "the generators' first conv width "
+                                    "(doubling with each level; the reference's 32).")
+  inputaware_depth: int = _field(DEPTH, integer(1),
+                                 "the generators' down/up levels (the reference's 3).")
+  inputaware_seed: int = _field(0, integer(0), "seed of the generators' initial weights.")
+  inputaware_mask_epochs: int = _field(MASK_EPOCHS, integer(0),
+                                       "epochs the mask net pre-trains alone.")
+  inputaware_epochs: int = _field(EPOCHS, integer(0),
+                                  "epochs the pattern net trains on the clean model.")
+  inputaware_batch_size: int = _field(BATCH_SIZE, integer(2),
+                                      "batch size of the generators' training.")
+  inputaware_lr: float = _field(LR, number(0.0, 10.0, low_open=True),
+                                "Adam's learning rate for both generators.")
+  inputaware_lambda_div: float = _field(LAMBDA_DIV, number(0.0, 1e4),
+                                        "weight of the diversity loss.")
+  inputaware_lambda_norm: float = _field(LAMBDA_NORM, number(0.0, 1e6),
+                                         "weight of the mask's size loss.")
+  inputaware_mask_density: float = _field(MASK_DENSITY, number(0.0, 1.0),
+                                          "the mask's size loss is mean(relu(m - density)) "
+                                          "over its pixels.")
 
 
 def inputaware(image_shape, *, channels: int = CHANNELS, depth: int = DEPTH,
