@@ -125,7 +125,8 @@ def test_clean_label_needs_all_to_one_and_noise_mode_needs_wanet():
   config.trigger.clean_label = False
   config_lib.validate(config)
   config.trigger.cross_ratio = 2.0
-  with pytest.raises(config_lib.ConfigError, match="only the wanet trigger has a noise mode"):
+  with pytest.raises(config_lib.ConfigError, match=r"config.trigger.cross_ratio: 2.0: the 'sig' "
+                     r"trigger has no noise mode \(only wanet, inputaware have one\)"):
     config_lib.validate(config)
   config = _quick()
   config.trigger.update(config_lib.TRIGGER_PRESETS["wanet"])

@@ -15,11 +15,12 @@ import dataclasses
 from typing import Any
 
 from linfjax import settings
-from linfjax.attacks import bpp, ftrojan, lc, lf, mask_pattern, sig, trojannn, wanet
+from linfjax.attacks import bpp, ftrojan, inputaware, lc, lf, mask_pattern, sig, trojannn, wanet
 from linfjax.attacks.base import (Attack, CleanModel, TriggerError, TriggerLike, apply,
                                   apply_noise_mode, region)
 from linfjax.attacks.bpp import Quantized
 from linfjax.attacks.ftrojan import Frequency
+from linfjax.attacks.inputaware import InputAware
 from linfjax.attacks.mask_pattern import (Trigger, blend, checkerboard_pattern, noise_pattern,
                                           patch, solid_pattern)
 from linfjax.attacks.sig import Signal
@@ -36,10 +37,11 @@ ATTACKS: dict[str, Attack] = {
     "trojannn": trojannn.TROJANNN,
     "lc": lc.LC,
     "lf": lf.LF,
+    "inputaware": inputaware.INPUTAWARE,
 }
 # What `trigger=NAME` sets in a grid, and what configs/cifar_<NAME>.py use.
 PRESETS = {name: attack.preset for name, attack in ATTACKS.items()}
-AnyTrigger = Trigger | Signal | Warp | Quantized | Frequency
+AnyTrigger = Trigger | Signal | Warp | Quantized | Frequency | InputAware
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,10 @@ def check(trigger_block_, poison_mode: str | None) -> None:
     fail("trigger.clean_label", f"clean-label poisoning keeps the labels, so it needs "
          f"poison.mode='all_to_one' (got {poison_mode!r}); set trigger.clean_label=False for "
          "all-to-all")
-  if trigger_block_.cross_ratio and trigger_block_.kind != "wanet":
-    fail("trigger.cross_ratio", f"{trigger_block_.cross_ratio!r}: only the wanet trigger has a "
-         f"noise mode; set it to 0 for kind {trigger_block_.kind!r}")
+  if trigger_block_.cross_ratio and not attack.has_noise_mode:
+    with_one = ", ".join(name for name, entry in ATTACKS.items() if entry.has_noise_mode)
+    fail("trigger.cross_ratio", f"{trigger_block_.cross_ratio!r}: the {trigger_block_.kind!r} "
+         f"trigger has no noise mode (only {with_one} have one); set it to 0")
 
 
 def check_data(trigger_block_, image_shape) -> None:
@@ -122,7 +125,7 @@ def has_region(trigger_block_) -> bool:
 
 
 __all__ = [
-    "ATTACKS", "AnyTrigger", "Attack", "CleanModel", "Frequency", "Quantized", "PRESETS", "Settings", "Signal", "Trigger", "TriggerError",
+    "ATTACKS", "AnyTrigger", "Attack", "CleanModel", "Frequency", "InputAware", "Quantized", "PRESETS", "Settings", "Signal", "Trigger", "TriggerError",
     "TriggerLike", "Warp", "apply", "apply_noise_mode", "blend", "check", "check_data",
     "checkerboard_pattern", "from_config", "has_region", "needs_clean_model", "noise_pattern",
     "patch", "prepare", "region",

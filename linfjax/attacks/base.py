@@ -4,9 +4,9 @@ A trigger is a NamedTuple of arrays (a pytree, so a stack of triggers of one kin
 leading axis that `jax.vmap` maps over) with two methods:
   - `stamp(images)`: the triggered batch, images [B, H, W, C] float32 in [0, 1];
   - `region()`: [H, W] bool, where the trigger changes the image;
-and, where the attack has one, `noise_mode(images, key)` (WaNet's). `apply`, `region` and
-`apply_noise_mode` are what every caller uses; a trigger's type is static under `jit`, so
-each kind compiles to its own code.
+and, where the attack has one, `noise_mode(images, key)` (WaNet's, Input-aware's). `apply`,
+`region` and `apply_noise_mode` are what every caller uses; a trigger's type is static under
+`jit`, so each kind compiles to its own code.
 
 An `Attack` (one per file in linfjax/attacks/, listed in `ATTACKS`) says how a config's
 `trigger` block builds its trigger, which fields of that block it reads (its `Settings`),
@@ -67,8 +67,8 @@ def region(trigger: TriggerLike) -> jax.Array:
 
 
 def apply_noise_mode(trigger: TriggerLike, images: jax.Array, key: jax.Array) -> jax.Array:
-  """The attack's noise mode (WaNet's: the warp jittered by fresh noise, labels kept); the
-  images unchanged for attacks without one."""
+  """The attack's noise mode (WaNet's: the warp jittered by fresh noise; Input-aware's: another
+  image's pattern; labels kept); the images unchanged for attacks without one."""
   noise_mode = getattr(trigger, "noise_mode", None)
   if noise_mode is None:
     return images
@@ -110,6 +110,8 @@ class Attack:
   description: one line for listings and reports;
   has_region: whether its trigger leaves part of the image untouched (a patch), so trigger
     recovery can be measured;
+  has_noise_mode: whether its trigger has a `noise_mode` (WaNet's noise, Input-aware's cross
+    mode), so `trigger.cross_ratio` may add noise-mode examples;
   prepare: (its settings, the built trigger, CleanModel) -> the trigger the attack uses,
     optimised on the clean model (None: the built trigger is used as it is);
   perturb_poisoned: (its settings, CleanModel, uint8 images [P, H, W, C], labels [P]) -> uint8
@@ -122,6 +124,7 @@ class Attack:
   check: Callable[[Any, str], None] = lambda values, prefix: None
   check_data: Callable[[Any, tuple[int, int, int]], None] = lambda values, shape: None
   has_region: bool = False
+  has_noise_mode: bool = False
   prepare: Callable[[Any, TriggerLike, CleanModel], TriggerLike] | None = None
   perturb_poisoned: Callable[[Any, CleanModel, np.ndarray, np.ndarray], np.ndarray] | None = None
 

@@ -6,9 +6,10 @@ are replaced by `(T(x), y_t)`. Two attacks poison differently:
   - clean-label (SIG as published): the examples are drawn from the target class and
     keep their labels; only the images carry the trigger (BackdoorBench's clean-label
     selection, with rho still a share of all N training examples);
-  - WaNet's noise mode: `round(cross_ratio * P)` more examples, drawn from the
-    non-poisoned ones, are warped with fresh noise in every training step and keep
-    their true labels (`attacks.apply_noise_mode`).
+  - the noise mode (WaNet's, Input-aware's): `round(cross_ratio * P)` more examples,
+    drawn from the non-poisoned ones, keep their true labels and are, in every training
+    step, warped with fresh noise (WaNet) or stamped with another image's pattern
+    (Input-aware) (`attacks.apply_noise_mode`).
 The result is a `PoisonedSet` of uint8 images, the labels the model is trained on,
 and per-example flags telling the training step to stamp the trigger (or the noise
 mode) after augmentation.

@@ -63,9 +63,10 @@ class Settings(settings.Settings):
                              "WaNet's grid_rescale.")
   warp_seed: int = spec(0, integer(0).when("kind", "wanet"), "Seed of WaNet's control grid.")
   cross_ratio: float = spec(0.0, number(0.0, 100.0),
-                            "WaNet's noise mode: round(cross_ratio * P) more examples (P "
-                            "poisoned ones) are warped with fresh noise in every step and keep "
-                            "their true labels; 0 turns it off (only kind='wanet' has one).")
+                            "The noise mode: round(cross_ratio * P) more examples (P poisoned "
+                            "ones) keep their true labels and are, in every step, warped with "
+                            "fresh noise (wanet) or stamped with another image's pattern "
+                            "(inputaware); 0 turns it off (only those kinds have one).")
 
 
 def wanet(image_shape, *, grid_size: int = WANET_GRID_SIZE, strength: float = WANET_STRENGTH,
@@ -89,7 +90,7 @@ def _check_data(values: Settings, image_shape) -> None:
 
 
 WANET = Attack(
-    settings=Settings, check_data=_check_data,
+    settings=Settings, check_data=_check_data, has_noise_mode=True,
     build=lambda values, shape: wanet(shape, grid_size=values.grid_size,
                                       strength=values.strength, seed=values.warp_seed,
                                       grid_rescale=values.grid_rescale),
