@@ -59,6 +59,7 @@ def test_the_registries_are_listed_with_their_counts():
   text = listing.registries()
   assert f"Attacks (trigger.kind, grid axis trigger=NAME): {len(attacks.ATTACKS)}" in text
   assert f"Defenses (prune.defenses, prune.real_defenses): {len(defenses.DEFENSES)}" in text
+  assert "Training-time defenses (train stage" in text and "  abl: ABL" in text
   for name in (*attacks.ATTACKS, *defenses.DEFENSES):
     assert f"  {name}: " in text
 

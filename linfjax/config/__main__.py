@@ -92,6 +92,9 @@ def registries() -> str:
       ("Defenses (prune.defenses, prune.real_defenses)",
        {name: defense.description + ("" if defense.needs_trigger else "; needs no trigger")
         for name, defense in defenses.DEFENSES.items()}),
+      ("Training-time defenses (train stage, a model of their own beside the two)",
+       {"abl": "ABL: isolation by the loss under flooding, fine-tuning on the rest, gradient "
+               "ascent on the isolated examples (abl.enabled=True); needs no trigger"}),
       ("Detection statistics (reverse.statistic)",
        {name: f"{statistic.description}; flags above {statistic.default_threshold}"
         for name, statistic in outliers.STATISTICS.items()}),
