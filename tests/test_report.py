@@ -54,10 +54,10 @@ def _embedded(text):
                                                         text)]
 
 
-def _write_run(workdir, results):
+def _write_run(workdir, results, **config):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"seed": 0, "model": {"name": "cnn"}}, f)
+    json.dump({"seed": 0, "model": {"name": "cnn"}, **config}, f)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f)
 
@@ -90,6 +90,15 @@ def test_report_copes_with_absent_stages(tmp_path):
   for stage in ("reverse", "analysis", "prune"):
     assert f"the {stage} stage has not run" in text
   assert _embedded(text) == []
+  # A grid that asked for train and reverse only: the stages it left out are said to be so.
+  asked = str(tmp_path / "asked")
+  _write_run(asked, {"seed": 0, "train": RESULTS["train"]}, stages=["train", "reverse"])
+  with open(report.write_report(asked)) as f:
+    text = f.read()
+  assert "the reverse stage has not run" in text
+  for stage in ("analysis", "prune"):
+    assert f"the {stage} stage was not asked for (config stages: train, reverse)" in text
+    assert f"the {stage} stage has not run" not in text
   empty = str(tmp_path / "empty")
   os.makedirs(empty)
   with open(report.write_report(empty)) as f:

@@ -19,9 +19,9 @@ from linfjax.detection import outliers
 from linfjax.reports import html
 
 REPORT_FILE = "report.html"
-STAGE_SECTIONS = (("train", "Training"), ("reverse", "Reverse engineering (Neural Cleanse)"),
-                  ("analysis", "Activation norms and Grad-CAM"),
-                  ("prune", "Defenses: lp-based pruning and Fine-Pruning"))
+STAGE_TITLES = {"train": "Training", "reverse": "Reverse engineering (Neural Cleanse)",
+                "analysis": "Activation norms and Grad-CAM",
+                "prune": "Defenses: lp-based pruning and Fine-Pruning"}
 def _train_section(entry: dict, config: dict, results: dict) -> str:
   del config, results
   rows = [(kind, *(entry[kind].get(key) for key in ("CA", "ASR", "RA")))
@@ -199,10 +199,13 @@ def render(workdir: str, config: dict, results: dict) -> str:
            "</p>", "<h2>Summary: before and after the defenses (test split, %)</h2>",
            _summary(results)]
   shown = set()
-  for stage, title in STAGE_SECTIONS:
+  for stage, title in STAGE_TITLES.items():
     parts.append(f"<h2>{html.escape(title)}</h2>")
     if stage in results:
       parts.append(SECTION_BUILDERS[stage](results[stage], config, results))
+    elif stage not in config.get("stages", tuple(STAGE_TITLES)):
+      parts.append(html.note(f"the {stage} stage was not asked for (config stages: "
+                             f"{', '.join(config['stages'])})"))
     else:
       parts.append(html.note(f"the {stage} stage has not run (or not finished)"))
     for path in html.pngs(os.path.join(workdir, stage)):
