@@ -138,6 +138,8 @@ def test_unknown_name(capsys, data_dir, workdir, field):
      r"'conv9' of model 'cnn'"),
     ("--config.stages=('train', 'finetune')", r"config\.stages: unknown stage 'finetune'; "
      r"known: train, reverse, analysis, prune"),
+    ("--config.stages=train,reverse", r"config\.stages: unknown stage 'train,reverse'; .*"
+     r"\(several stages: --config\.stages=\"\('train','reverse'\)\", or the flag once"),
     ("--config.prune.layer=conv9", r"config\.prune\.layer: unknown layer 'conv9' of model "
      r"'cnn'; known: .*conv3_2"),
     ("--config.trigger.color=(1.0, 2.0, 1.0)", r"config\.trigger\.color: must be values in "

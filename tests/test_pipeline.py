@@ -58,6 +58,31 @@ def test_rerun_with_other_config_is_refused(cifar_dir, tmp_path):
     pipeline.prepare_workdir(tiny_config(cifar_dir, epochs=3), workdir)
 
 
+def test_a_finished_run_takes_later_stages_without_training_again(cifar_dir, tmp_path,
+                                                                  monkeypatch):
+  """`stages` says what to run now: a train-only run directory later runs reverse on its
+  models, and config.json records every stage asked for; any other field is still refused."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(cifar_dir)
+  config.stages = ("train",)
+  trained = pipeline.run(config, workdir, progress=False)
+  assert "reverse" not in trained
+  monkeypatch.setitem(pipeline.STAGES, "train",
+                      lambda ctx: pytest.fail("the finished train stage ran again"))
+  config.stages = ("reverse", "train")
+  results = pipeline.run(config, workdir, progress=False)
+  assert results["train"] == trained["train"]
+  assert len(results["reverse"]["mask_l1"]) == 10
+  config.stages = ("reverse",)
+  pipeline.prepare_workdir(config, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["stages"] == ["train", "reverse"]
+  other = tiny_config(cifar_dir, epochs=3)
+  other.stages = ("train", "reverse", "analysis")
+  with pytest.raises(pipeline.WorkdirError, match=r"\(train.epochs: 2 in the workdir, 3 now\)"):
+    pipeline.prepare_workdir(other, workdir)
+
+
 def test_killed_training_resumes_to_the_same_model(cifar_dir, tmp_path, monkeypatch):
   config = tiny_config(cifar_dir, epochs=3)
   straight = pipeline.run(config, str(tmp_path / "straight"), progress=False)

@@ -78,7 +78,9 @@ class Run(settings.Settings):
       fail("stages", f"must name at least one stage; known: {', '.join(STAGES)}")
     for stage in self.stages:
       if stage not in STAGES:
-        fail("stages", f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+        several = (" (several stages: --config.stages=\"('train','reverse')\", or the flag "
+                   "once per stage)" if "," in str(stage) else "")
+        fail("stages", f"unknown stage {stage!r}; known: {', '.join(STAGES)}{several}")
 
 
 @dataclasses.dataclass(frozen=True)

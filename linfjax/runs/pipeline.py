@@ -52,9 +52,16 @@ def _read_json(path: str):
                        "that file to redo the run's stages, or use a new --workdir") from None
 
 
+# Fields that say what to do now rather than what the run is: a later command on the same
+# workdir may change them (a train-and-reverse grid later given its analysis and prune).
+WHAT_TO_RUN = ("stages",)
+
+
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
   differences = []
   for key in sorted(set(saved) | set(current)):
+    if not prefix and key in WHAT_TO_RUN:
+      continue
     name = f"{prefix}{key}"
     old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
     if isinstance(old, dict) and isinstance(new, dict):
@@ -102,12 +109,18 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates the work directory and its config.json, or checks that it matches.
 
   Call it only once the run is known to be runnable (config and data checked): a
-  config.json records a run, and a later config that differs is refused. If writing fails
+  config.json records a run, and a later config that differs is refused, except in
+  `WHAT_TO_RUN`: config.json then records every stage asked for so far, in pipeline order. If writing fails
   (a full disk, no permission), the directories this call created are removed again.
   """
   check_workdir(config, workdir)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
+    saved = _read_json(path)
+    asked = set(saved.get("stages", ())) | set(config.stages)
+    stages = [stage for stage in config_lib.STAGES if stage in asked]
+    if stages != list(saved.get("stages", ())):
+      files.write_json(path, {**saved, "stages": stages})
     return
   created, parent = [], os.path.abspath(workdir)
   while not os.path.exists(parent):
