@@ -22,6 +22,8 @@ REPORT_FILE = "report.html"
 STAGE_TITLES = {"train": "Training", "reverse": "Reverse engineering (Neural Cleanse)",
                 "analysis": "Activation norms and Grad-CAM",
                 "prune": "Defenses: lp-based pruning and Fine-Pruning"}
+
+
 def _train_section(entry: dict, config: dict, results: dict) -> str:
   del config, results
   rows = [(kind, *(entry[kind].get(key) for key in ("CA", "ASR", "RA")))

@@ -52,15 +52,12 @@ def _read_json(path: str):
                        "that file to redo the run's stages, or use a new --workdir") from None
 
 
-# Fields that say what to do now rather than what the run is: a later command on the same
-# workdir may change them (a train-and-reverse grid later given its analysis and prune).
-WHAT_TO_RUN = ("stages",)
-
-
 def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """The fields that differ, but `stages`: it says what to run now, not what the run is (a
+  train-and-reverse run may later be given its analysis and prune)."""
   differences = []
   for key in sorted(set(saved) | set(current)):
-    if not prefix and key in WHAT_TO_RUN:
+    if not prefix and key == "stages":
       continue
     name = f"{prefix}{key}"
     old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
@@ -110,8 +107,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   Call it only once the run is known to be runnable (config and data checked): a
   config.json records a run, and a later config that differs is refused, except in
-  `WHAT_TO_RUN`: config.json then records every stage asked for so far, in pipeline order. If writing fails
-  (a full disk, no permission), the directories this call created are removed again.
+  `stages`: config.json then lists every stage asked for so far, in pipeline order. If
+  writing fails (a full disk, no permission), the directories this call created are removed
+  again.
   """
   check_workdir(config, workdir)
   path = os.path.join(workdir, "config.json")
