@@ -119,6 +119,11 @@ def test_pipeline_end_to_end_writes_prune_results_and_report(cifar_dir, tmp_path
              "fine_pruning", "fine_tuning"}
   assert set(results["prune"]["synthetic"]) == methods
   assert set(results["prune"]["real"]) == {"linf", "l2", "l1", "fine_pruning"}
+  seconds = {}
+  for method in methods:
+    with open(os.path.join(workdir, "prune", "synthetic", f"{method}.json")) as f:
+      seconds[method] = json.load(f)["seconds"]
+  assert all(value > 0 for value in seconds.values()), seconds
   path = os.path.join(workdir, "report.html")
   with open(path) as f:
     text = f.read()

@@ -13,9 +13,9 @@ that swept pruning levels of layer L is measured at every level on the test spli
 such defenses in one vmapped call, for the curves.
 
 Writes under `WORKDIR/prune/`:
-  <source>/<defense>.json  what the defense chose, its curve on S (and the test split) and its
-                           numbers, with a fingerprint of the inputs: a rerun after a kill
-                           reuses every defense whose inputs match;
+  <source>/<defense>.json  what the defense chose, its curve on S (and the test split), its
+                           numbers and seconds, with a fingerprint of the inputs: a rerun
+                           after a kill reuses every defense whose inputs match;
   sweep_<source>.csv       one row per (defense, level) of the sweeping defenses, r* marked;
   curves_<source>.png, curves_<source>_layers.png  CA and ASR against the pruning level.
 Returns results.json's `prune` entry (docs/method.md, "Results file"): per source, per defense,
@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import json
 import os
+import time
 
 import numpy as np
 from absl import logging
@@ -133,7 +134,9 @@ def _fingerprint(ctx: RunContext, inputs: Inputs, defender: Defender, name: str)
 
 def _run_defense(ctx: RunContext, inputs: Inputs, name: str, fingerprint_: str,
                  path: str) -> dict:
-  """Runs one defense and saves its outcome (and its masks, beside it as .npz)."""
+  """Runs one defense and saves its outcome (and its masks, beside it as .npz), with the
+  seconds it took (its test-split curve, measured with the others', not counted)."""
+  started = time.perf_counter()
   defense = DEFENSES[name]
   record = defense.run(inputs, defense.from_config(ctx.config.prune))
   inputs.cache.setdefault("records", {})[name] = record
@@ -151,6 +154,7 @@ def _run_defense(ctx: RunContext, inputs: Inputs, name: str, fingerprint_: str,
                    for layer, stack in curve.masks.items()})
   if curve is None or not curve.test or record.variables is not None:
     outcome["numbers"] = _single(ctx, inputs, record, name)
+  outcome["seconds"] = round(time.perf_counter() - started, 2)
   files.write_npz(path[:-len(".json")] + ".npz", **arrays)
   files.write_json(path, outcome)
   return outcome
@@ -174,6 +178,7 @@ def _outcomes(ctx: RunContext, source: str, inputs: Inputs, defender: Defender) 
   pending = [name for name, outcome in outcomes.items() if outcome["curve"] is not None
              and outcome["curve"]["test"] and "CA" not in outcome["curve"]]
   if pending:
+    started = time.perf_counter()
     stacks = {name: _curve_masks(paths[name]) for name in pending}
     joined = np.concatenate([stacks[name] for name in pending])
     numbers = _test_sweep(ctx, inputs, inputs.variables, {inputs.layer: joined},
@@ -189,6 +194,8 @@ def _outcomes(ctx: RunContext, source: str, inputs: Inputs, defender: Defender) 
         outcomes[name]["numbers"] = {key: float(curve[key][chosen])
                                      for key in TEST_KEYS + CLEAN_SET_KEYS}
       files.write_json(paths[name], outcomes[name])
+    logging.info("prune/%s: test-split curves of %s in %.1f s", source, ", ".join(pending),
+                 time.perf_counter() - started)
   return outcomes
 
 
@@ -244,9 +251,9 @@ def _defend(ctx: RunContext, source: str, inputs: Inputs, defender: Defender) ->
                                 asr_real=numbers["ASR_real"],
                                 asr_defender=numbers["ASR_defender"], **before)
     logging.info("prune/%s %s: r*=%d; CA %.2f -> %.2f, ASR %.2f -> %.2f, defender ASR %.2f, "
-                 "DER %.2f", source, name, outcome["pruned"], before["ca_before"],
+                 "DER %.2f; %.1f s", source, name, outcome["pruned"], before["ca_before"],
                  entry[name]["CA"], before["asr_before"], entry[name]["ASR_real"],
-                 entry[name]["ASR_defender"], entry[name]["DER"])
+                 entry[name]["ASR_defender"], entry[name]["DER"], outcome.get("seconds", 0.0))
   _write_outputs(ctx, source, outcomes, defender, inputs)
   return entry
 
