@@ -7,7 +7,8 @@ momentum 0.9, weight decay 5e-4, cosine decay, batch 128, 50 epochs), a GPU job:
   python -m linfjax.main --config=configs/gtsrb_alexnet.py --workdir=runs/gtsrb_alexnet \\
       --config.data.path=DIR        # DIR from `python -m linfjax.fetch gtsrb DIR`
 Quick: the same network at half width (`config.use_gtsrb_alexnet` says why) on
-../shared/data/gtsrb32 with the quick settings, 2 epochs, every stage and every defense:
+../shared/data/gtsrb32 with the quick settings, 2 epochs, every stage and every defense
+(about 50 min on 2 CPU cores; docs/results.md):
   python -m linfjax.main --config=configs/gtsrb_alexnet.py:quick --workdir=runs/alexnet_quick
 """
 

@@ -7,7 +7,7 @@ one 30-frame track of each class (1,290 images), so no physical sign has frames 
 training and in S.
 
 Quick run (the small CNN on the whole of GTSRB in ../shared/data/gtsrb32, 3 epochs, every
-stage and every defense, about 25 minutes on 2 CPU cores):
+stage and every defense, 33.6-35.6 min on 2 CPU cores, docs/results.md):
   python -m linfjax.main --config=configs/gtsrb_patch.py:quick --workdir=runs/gtsrb_quick
 Full run (PreActResNet-18, BackdoorBench's recipe, 50 epochs; a GPU job; DIR from
 `python -m linfjax.fetch gtsrb DIR`):
