@@ -177,8 +177,8 @@ def use_gtsrb(config: ml_collections.ConfigDict, variant: str) -> ml_collections
 
   The quick variant reads ../shared/data/gtsrb32, trains 3 epochs and runs ANP, CLP and NC
   unlearning beside the default defenses (the later baselines only where asked, to keep a run
-  near half an hour on 2 cores: 33.6-35.6 min measured); the full one trains BackdoorBench's 50 epochs on
-  `data.path`, which the user gives.
+  near half an hour on 2 cores: 33.6-35.6 min measured); the full one trains BackdoorBench's
+  50 epochs on `data.path`, which the user gives.
   """
   config.data.source = "gtsrb"
   config.data.path = SHARED_GTSRB if variant == "quick" else ""
