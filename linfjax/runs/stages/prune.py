@@ -181,7 +181,8 @@ def _outcomes(ctx: RunContext, source: str, inputs: Inputs, defender: Defender) 
     started = time.perf_counter()
     stacks = {name: _curve_masks(paths[name]) for name in pending}
     joined = np.concatenate([stacks[name] for name in pending])
-    numbers = _test_curves(ctx, inputs, joined, f"prune {source}")
+    numbers = _test_sweep(ctx, inputs, inputs.variables, {inputs.layer: joined},
+                          f"prune {source}", mask_batch=ctx.config.prune.mask_batch)
     start = 0
     for name in pending:
       count = len(stacks[name])
@@ -196,24 +197,6 @@ def _outcomes(ctx: RunContext, source: str, inputs: Inputs, defender: Defender) 
     logging.info("prune/%s: test-split curves of %s in %.1f s", source, ", ".join(pending),
                  time.perf_counter() - started)
   return outcomes
-
-
-def _test_curves(ctx: RunContext, inputs: Inputs, masks: np.ndarray,
-                 desc: str) -> dict[str, np.ndarray]:
-  """`_test_sweep` of a stack of layer-L masks of the undefended weights, each distinct mask
-  measured once a stage: the curves repeat masks (every curve's unpruned level, Fine-Pruning's
-  under both sources as it ignores the trigger, the levels where norms rank alike), and with a
-  dense head such as AlexNet's each mask costs a pass of the test split through it."""
-  measured = inputs.cache.setdefault("test_curves", {})
-  keys = [mask.tobytes() for mask in np.asarray(masks, np.float32)]
-  new = list(dict.fromkeys(key for key in keys if key not in measured))
-  if new:
-    rows = np.stack([masks[keys.index(key)] for key in new])
-    numbers = _test_sweep(ctx, inputs, inputs.variables, {inputs.layer: rows}, desc,
-                          mask_batch=ctx.config.prune.mask_batch)
-    for i, key in enumerate(new):
-      measured[key] = {name: values[i] for name, values in numbers.items()}
-  return {name: np.array([measured[key][name] for key in keys]) for name in TEST_KEYS}
 
 
 def _curve_masks(path: str) -> np.ndarray:
@@ -325,10 +308,7 @@ def run(ctx: RunContext) -> dict:
   _, variables = train_stage.load_trained(ctx, "backdoored")
   check_levels(ctx, model, variables, layer)
   images, labels = ctx.clean_set
-  # Shared by the sources: models fine-tuned on S (the same mask, once), and the test-split
-  # numbers of each layer-L mask of the undefended model.
-  tuned: dict = {}
-  test_curves: dict = {}
+  tuned: dict = {}  # Models fine-tuned on S, shared by the sources (the same mask, once).
   result = {}
   for source in SOURCES:
     defender = _defender(ctx, source)
@@ -342,6 +322,6 @@ def run(ctx: RunContext) -> dict:
                     eval_batch_size=ctx.config.train.eval_batch_size, flagged=defender.flagged,
                     bar=lambda desc, total, unit="batch": ctx.progress.bar(desc, total, part=0.0,
                                                                           unit=unit),
-                    cache={"tuned": tuned, "test_curves": test_curves})
+                    cache={"tuned": tuned})
     result[source] = _defend(ctx, source, inputs, defender)
   return result
