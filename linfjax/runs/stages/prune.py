@@ -250,10 +250,11 @@ def _defend(ctx: RunContext, source: str, inputs: Inputs, defender: Defender) ->
     entry[name] = defense_entry(r_star=outcome["pruned"], ca=numbers["CA"],
                                 asr_real=numbers["ASR_real"],
                                 asr_defender=numbers["ASR_defender"], **before)
+    took = f"; {outcome['seconds']:.1f} s" if "seconds" in outcome else ""  # None in older saves.
     logging.info("prune/%s %s: r*=%d; CA %.2f -> %.2f, ASR %.2f -> %.2f, defender ASR %.2f, "
-                 "DER %.2f; %.1f s", source, name, outcome["pruned"], before["ca_before"],
+                 "DER %.2f%s", source, name, outcome["pruned"], before["ca_before"],
                  entry[name]["CA"], before["asr_before"], entry[name]["ASR_real"],
-                 entry[name]["ASR_defender"], entry[name]["DER"], outcome.get("seconds", 0.0))
+                 entry[name]["ASR_defender"], entry[name]["DER"], took)
   _write_outputs(ctx, source, outcomes, defender, inputs)
   return entry
 
